@@ -1,0 +1,1 @@
+"""One LightningModule per adaptation method; ``base.SegmentationModule`` is source-only training."""

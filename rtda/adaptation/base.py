@@ -1,0 +1,207 @@
+"""Source-only training: the segmentation LightningModule every adaptation method extends.
+
+A method is "supervised loss on source + something that uses the target". This module owns what they
+all share (torchgeo's ``BaseTask`` pattern): the network, the segmentation loss with auxiliary heads,
+SGD with a per-iteration poly schedule, and target-domain validation/test with
+:class:`rtda.metrics.SegmentationMetrics`. A method overrides ``configure_models`` (add a discriminator),
+``training_step`` and, for several optimizers, ``configure_optimizers``; set
+``uses_target_images = True`` to receive ``batch["target"]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rtda.data.labels import CLASS_NAMES, IGNORE_INDEX
+from rtda.metrics import SegmentationMetrics
+from rtda.viz import prediction_panel
+
+
+def poly_lambda(max_iters: int, power: float = 0.9) -> Callable[[int], float]:
+    """``lr = base_lr * (1 - it / max_iters) ** power``, the DeepLab schedule the references step per iteration."""
+
+    def factor(it: int) -> float:
+        return (1.0 - min(it, max_iters) / max_iters) ** power
+
+    return factor
+
+
+class SegmentationModule(pl.LightningModule):
+    """Supervised segmentation on the source domain, scored on the target domain.
+
+    Args:
+        net: the segmentation network; in training mode it may return ``(main, *aux)`` logits, weighted
+            in the loss by ``net.aux_weights`` (default 1 each).
+        optimizer: a partial optimizer (Hydra ``_partial_: true``) taking parameter groups.
+        poly_power: exponent of the poly learning-rate schedule, stepped once per iteration.
+        head_lr_mult: learning-rate multiplier for everything but ``net.backbone_parameters()``;
+            ``None`` takes the network's own ``head_lr_mult`` (DeepLabV2: 10, as in the official code).
+        class_names: names used in metric keys (``val/IoU/<name>``).
+        num_log_images: validation predictions logged per validation run (0 = none).
+    """
+
+    uses_target_images: bool = False
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        num_classes: int = 19,
+        poly_power: float = 0.9,
+        head_lr_mult: float | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        class_names: Sequence[str] | None = None,
+        num_log_images: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer"])
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.class_names = list(class_names or CLASS_NAMES[:num_classes])
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for num_classes={num_classes}")
+        self.run_config: dict | None = None  # the resolved Hydra config, saved into checkpoints by rtda-train
+        self.test_results: dict | None = None
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+
+    # -- hooks a method overrides -------------------------------------------------------------
+    def configure_models(self) -> None:
+        """Build extra networks (a discriminator, a translator)."""
+
+    def configure_losses(self) -> None:
+        self.seg_criterion = nn.CrossEntropyLoss(ignore_index=self.hparams.ignore_index)
+
+    def configure_metrics(self) -> None:
+        self.val_metrics = SegmentationMetrics(self.hparams.num_classes, self.hparams.ignore_index)
+        self.test_metrics = SegmentationMetrics(self.hparams.num_classes, self.hparams.ignore_index)
+
+    # -- shared pieces ------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor):
+        return self.net(image)
+
+    def segmentation_loss(self, outputs, label: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy on the main output plus weighted auxiliary outputs; returns (total, parts)."""
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        main, *aux = outputs
+        weights = getattr(self.net, "aux_weights", (1.0,) * len(aux))
+        parts = {"loss_seg": self.seg_criterion(main, label)}
+        total = parts["loss_seg"]
+        for i, (out, w) in enumerate(zip(aux, weights)):
+            parts[f"loss_aux{i + 1}"] = self.seg_criterion(out, label)
+            total = total + w * parts[f"loss_aux{i + 1}"]
+        return total, parts
+
+    @torch.no_grad()
+    def predict_logits(self, image: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        """Eval-mode logits, bilinearly upsampled to ``size`` (the label's resolution) when given."""
+        logits = self.net(image)
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        if size is not None and tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        return logits
+
+    # -- training -----------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        source = batch["source"]
+        loss, parts = self.segmentation_loss(self.net(source["image"]), source["label"])
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=source["image"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=source["image"].shape[0])
+        return loss
+
+    # -- evaluation on the target ---------------------------------------------------------------
+    def _eval_step(self, batch: dict, batch_idx: int, metrics: SegmentationMetrics, stage: str) -> None:
+        label = batch["label"]
+        logits = self.predict_logits(batch["image"], label.shape[-2:])
+        metrics.update(logits.argmax(dim=1), label)
+        if stage == "val" and batch_idx == 0 and self.hparams.num_log_images > 0:
+            self.log_predictions(batch, logits.argmax(dim=1), stage)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.val_metrics, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.test_metrics, "test")
+
+    def _log_epoch_metrics(self, metrics: SegmentationMetrics, stage: str) -> dict:
+        result = metrics.compute()
+        metrics.reset()
+        values = {f"{stage}/acc": result["acc"], f"{stage}/mAcc": result["mAcc"]}
+        for name, iou in zip(self.class_names, result["IoU"].tolist()):
+            # NaN (class absent from truth and prediction) is logged as NaN: loggers and rtda-compare skip it
+            values[f"{stage}/IoU/{name}"] = iou
+        self.log_dict(values, prog_bar=False, sync_dist=False)  # the confusion matrix is already synced
+        self.log(f"{stage}/mIoU", result["mIoU"], prog_bar=True)
+        return result
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        result = self._log_epoch_metrics(self.test_metrics, "test")
+        self.test_results = {
+            "mIoU": result["mIoU"],
+            "acc": result["acc"],
+            "mAcc": result["mAcc"],
+            "IoU": {n: (None if math.isnan(v) else v) for n, v in zip(self.class_names, result["IoU"].tolist())},
+            "confmat": result["confmat"].cpu().tolist(),
+        }
+
+    def log_predictions(self, batch: dict, preds: torch.Tensor, stage: str) -> None:
+        """Save image | truth | prediction panels as a PNG in the run folder, and to W&B when it logs."""
+        if self.trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        n = min(self.hparams.num_log_images, preds.shape[0])
+        grid = np.concatenate([prediction_panel(batch["image"][i], batch["label"][i], preds[i]) for i in range(n)], axis=0)
+        from PIL import Image
+
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(folder / f"{stage}_step{self.global_step:06d}.png")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key=f"{stage}/predictions", images=[grid], step=self.global_step,
+                                 caption=["image | ground truth | prediction"])
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def parameter_groups(self, base_lr: float) -> list[dict]:
+        """Backbone at ``base_lr``, the rest at ``head_lr_mult * base_lr``; frozen parameters left out."""
+        mult = self.hparams.head_lr_mult
+        if mult is None:
+            mult = getattr(self.net, "head_lr_mult", 1.0)
+        backbone_fn = getattr(self.net, "backbone_parameters", None)
+        if mult == 1.0 or backbone_fn is None:
+            return [{"params": [p for p in self.net.parameters() if p.requires_grad], "lr": base_lr}]
+        backbone_ids = {id(p) for p in backbone_fn()}
+        backbone = [p for p in self.net.parameters() if p.requires_grad and id(p) in backbone_ids]
+        head = [p for p in self.net.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        return [{"params": backbone, "lr": base_lr}, {"params": head, "lr": base_lr * mult}]
+
+    def max_iterations(self) -> int:
+        steps = self.trainer.max_steps
+        if steps is None or steps < 0:
+            steps = int(self.trainer.estimated_stepping_batches)
+        return max(int(steps), 1)
+
+    def configure_optimizers(self):
+        base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+        if base_lr is None:
+            raise ValueError("optimizer.lr must be set: the poly schedule and the head multiplier scale it")
+        optimizer = self.optimizer_factory(params=self.parameter_groups(base_lr))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(self.max_iterations(), self.hparams.poly_power))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["rtda_config"] = self.run_config

@@ -1,0 +1,79 @@
+"""Logger factories that behave on a laptop, a cluster node and CI alike: nothing prompts, nothing hangs."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+
+def wandb_logged_in() -> bool:
+    """True when W&B credentials exist (API key in the environment or ~/.netrc); never prompts."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        rc = netrc.netrc(os.environ.get("NETRC", str(Path.home() / ".netrc")))
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
+    return rc.authenticators(host) is not None
+
+
+def default_group() -> str | None:
+    """``data-model-adaptation`` from Hydra's config choices, so runs of one setting group together."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+    except (ImportError, ValueError):
+        return None
+    return "-".join(str(choices.get(k)) for k in ("data", "model", "adaptation") if choices.get(k))
+
+
+def choice_tags() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+    except (ImportError, ValueError):
+        return []
+    keys = ("data", "model", "augmentation", "adaptation", "optimizer", "experiment")
+    return [f"{k}={choices[k]}" for k in keys if choices.get(k)]
+
+
+def wandb_logger(
+    project: str = "rtda",
+    entity: str | None = None,
+    group: str | None = None,
+    tags: list[str] | None = None,
+    name: str | None = None,
+    save_dir: str = ".",
+    offline: bool | None = None,
+    log_model: bool = False,
+    **kwargs,
+):
+    """A Lightning ``WandbLogger`` that is offline unless the user is logged in (or asks otherwise).
+
+    ``WANDB_MODE`` in the environment still wins (``disabled`` turns it off entirely).
+    """
+    from pytorch_lightning.loggers import WandbLogger
+
+    mode = os.environ.get("WANDB_MODE")
+    if offline is None:
+        offline = mode in ("offline", "dryrun") or (mode != "online" and not wandb_logged_in())
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    logger = WandbLogger(
+        project=project,
+        entity=entity,
+        group=group or default_group(),
+        tags=list(tags or []) + choice_tags(),
+        name=name,
+        save_dir=save_dir,
+        offline=offline,
+        log_model=False if offline else log_model,
+        **kwargs,
+    )
+    if offline:
+        print(f"rtda: W&B is offline (not logged in); the run is saved under {Path(save_dir) / 'wandb'} "
+              "- upload it later with `wandb sync`.")
+    return logger

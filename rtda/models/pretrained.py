@@ -1,0 +1,61 @@
+"""Pretrained weights the way users expect: torchvision's weight registry, or a local file.
+
+Nothing is fetched unless the user asked for ``pretrained=true``; when the registry cannot be reached
+the error says which file to download and how to pass it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class PretrainedWeightsError(RuntimeError):
+    pass
+
+
+def registry_state_dict(weights) -> dict:
+    """State dict of a torchvision ``WeightsEnum`` member (from the hub cache, else downloaded)."""
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # no network, proxy, corrupt cache ...
+        file = weights.url.rsplit("/", 1)[-1]
+        raise PretrainedWeightsError(
+            f"could not fetch torchvision weights {weights} ({weights.url}): {err}\n"
+            f"Download {file} on a machine with network access and either put it in "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'} or pass model.pretrained=/path/to/{file}"
+        ) from err
+
+
+def file_state_dict(path: str | Path) -> dict:
+    """A state dict from a ``.pth``/``.ckpt`` file: plain, or nested under ``state_dict``/``model``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PretrainedWeightsError(f"pretrained weights file not found: {path} (model.pretrained expects true, false or a file)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_matching(module: nn.Module, state: dict, source: str, prefixes: tuple[str, ...] = ("",)) -> list[str]:
+    """Load the entries of ``state`` that fit ``module`` (after stripping one of ``prefixes``).
+
+    Returns the module's keys that stayed uninitialised. Raises if nothing matched, so a wrong file
+    never silently leaves a network at random init.
+    """
+    own = module.state_dict()
+    loaded = {}
+    for key, value in state.items():
+        for prefix in prefixes:
+            name = key[len(prefix):] if key.startswith(prefix) else None
+            if name is not None and name in own and own[name].shape == value.shape:
+                loaded[name] = value
+                break
+    if not loaded:
+        raise PretrainedWeightsError(f"no tensor of {source} matches {type(module).__name__}: wrong file?")
+    module.load_state_dict(loaded, strict=False)
+    return [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")]

@@ -1,0 +1,139 @@
+"""``rtda-train``: seed, build data / network / method / trainer from the Hydra config, fit, test, summarise.
+
+    rtda-train                                     # source-only BiSeNet-R18 on the built-in demo pair
+    rtda-train experiment=demo_oracle              # trained on the target's labels: the upper bound
+    rtda-train -m augmentation=none,geometric      # a sweep, one run folder per job
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import warnings
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from rtda import config as rtda_config
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``auto`` -> this run folder's ``checkpoints/last.ckpt`` when present (resume after preemption)."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "auto":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    return ckpt_path
+
+
+def format_summary(results: dict) -> str:
+    lines = ["", "=" * 60, f"rtda: {results['experiment']}"]
+    test = results.get("test")
+    if test:
+        lines.append(f"target test mIoU: {100 * test['mIoU']:.2f}   (pixel acc {100 * test['acc']:.2f})")
+        lines.append("per-class IoU:")
+        for name, iou in test["IoU"].items():
+            lines.append(f"  {name:<14} {'   n/a' if iou is None else f'{100 * iou:6.2f}'}")
+    if results.get("best_val_mIoU") is not None:
+        lines.append(f"best val mIoU: {100 * results['best_val_mIoU']:.2f}")
+    lines.append(f"run folder: {results['run_dir']}")
+    lines.append(f"checkpoint: {results.get('best_checkpoint') or results.get('last_checkpoint') or 'none saved'}")
+    for warning in results.get("warnings", []):
+        lines.append(f"WARNING: {warning}")
+    lines.append("=" * 60)
+    return "\n".join(lines)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one experiment; returns the results written to ``results.json``."""
+    import pytorch_lightning as pl
+
+    from rtda.config import instantiate_dict
+
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data, augmentation=cfg.get("augmentation"))
+    net = hydra.utils.instantiate(cfg.model)
+    module = hydra.utils.instantiate(cfg.adaptation, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    module.run_config = resolved
+
+    loggers = list(instantiate_dict(cfg.get("logger")).values())
+    callbacks = list(instantiate_dict(cfg.get("callbacks")).values())
+    if not loggers:  # LearningRateMonitor refuses to run without a logger; nothing to monitor into
+        callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    revision = _git_revision()
+    for logger in loggers:
+        logger.log_hyperparams({**resolved, "git_revision": revision})
+
+    try:
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+        ckpt_cb = trainer.checkpoint_callback
+        best = getattr(ckpt_cb, "best_model_path", "") or None
+        if cfg.get("test", True):
+            test_ckpt = best if cfg.get("test_ckpt") == "best" and best else None
+            if not cfg.get("train", True) and cfg.get("ckpt_path"):
+                test_ckpt = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+            trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=False)
+    finally:
+        for logger in loggers:
+            logger.finalize("success")
+
+    best_score = getattr(ckpt_cb, "best_model_score", None) if ckpt_cb else None
+    last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb and ckpt_cb.dirpath else None
+    results = {
+        "experiment": rtda_config.describe(cfg),
+        "choices": rtda_config.choices(),
+        "run_dir": str(output_dir.resolve()),
+        "git_revision": revision,
+        "test": module.test_results and {k: v for k, v in module.test_results.items() if k != "confmat"},
+        "best_val_mIoU": None if best_score is None else float(best_score),
+        "best_checkpoint": str(Path(best).resolve()) if best else None,
+        "last_checkpoint": str(last.resolve()) if last and last.is_file() else None,
+        "tested_weights": cfg.get("test_ckpt", "last"),
+        "warnings": getattr(net, "warnings", []),
+    }
+    if module.test_results:
+        results["test/mIoU"] = module.test_results["mIoU"]
+        results["test/confmat"] = module.test_results["confmat"]
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        print(format_summary(results))
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=str(rtda_config.CONFIG_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    results = train(cfg)
+    metric = cfg.get("optimized_metric")
+    value = results.get("best_val_mIoU") if metric == "val/mIoU" else results.get(metric)
+    if value is None:
+        value = results.get("test/mIoU")
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def main() -> None:
+    rtda_config.run_hydra(_hydra_main)
+
+
+if __name__ == "__main__":
+    main()

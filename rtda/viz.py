@@ -1,0 +1,47 @@
+"""Colourised predictions and side-by-side panels (image | ground truth | prediction)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rtda.data.labels import TRAIN_ID_PALETTE
+from rtda.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def colorize(train_ids: torch.Tensor | np.ndarray) -> np.ndarray:
+    """HxW train ids -> HxWx3 uint8 in the Cityscapes colours (ignore = black)."""
+    if isinstance(train_ids, torch.Tensor):
+        train_ids = train_ids.detach().cpu().numpy()
+    return TRAIN_ID_PALETTE[np.asarray(train_ids).clip(0, 255).astype(np.uint8)]
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """3xHxW ImageNet-normalised tensor -> HxWx3 uint8."""
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
+    rgb = (image.float() * std + mean).clamp(0, 1).mul(255).byte()
+    return rgb.permute(1, 2, 0).cpu().numpy()
+
+
+def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    return (image * (1 - alpha) + colorize(train_ids) * alpha).astype(np.uint8)
+
+
+def _fit(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if a.shape[:2] == shape:
+        return a
+    rows = np.linspace(0, a.shape[0] - 1, shape[0]).round().astype(int)
+    cols = np.linspace(0, a.shape[1] - 1, shape[1]).round().astype(int)
+    return a[rows][:, cols]
+
+
+def prediction_panel(image: torch.Tensor, label: torch.Tensor | None, pred: torch.Tensor) -> np.ndarray:
+    """One row: input image | ground truth | prediction, all at the prediction's resolution."""
+    pred_rgb = colorize(pred)
+    shape = pred_rgb.shape[:2]
+    parts = [_fit(denormalize(image), shape)]
+    if label is not None:
+        parts.append(_fit(colorize(label), shape))
+    parts.append(pred_rgb)
+    return np.concatenate(parts, axis=1)
