@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +13,12 @@ from omegaconf import DictConfig
 #: the ``conf/`` tree at the repository root (rtda is installed editable: ``pip install -e .``)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-#: errors that mean "your input is wrong", shown as one clear message instead of a traceback
-USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError)
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "your input is wrong" (a missing dataset or checkpoint, unusable weights):
+    shown as one clear message instead of a traceback."""
+    from rtda.models.pretrained import PretrainedWeightsError
+
+    return (FileNotFoundError, PretrainedWeightsError)
 
 
 def instantiate_dict(cfg: DictConfig | None) -> dict:
@@ -40,14 +45,19 @@ def describe(cfg: DictConfig) -> str:
     return " ".join(parts) or str(cfg.get("task_name", "run"))
 
 
-def run_hydra(task: Callable[[], object]) -> None:
-    """Run a ``@hydra.main`` function; a user error (missing dataset, bad path) exits with its message."""
-    try:
-        task()
-    except USER_ERRORS as err:
-        print(f"rtda: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        wandb = sys.modules.get("wandb")
-        if wandb is not None and getattr(wandb, "run", None) is not None:
-            wandb.finish()
+def report_user_errors(task: Callable) -> Callable:
+    """Wrap a Hydra task: a user error exits with status 1 and its message; W&B is always closed."""
+
+    @functools.wraps(task)
+    def wrapped(*args, **kwargs):
+        try:
+            return task(*args, **kwargs)
+        except user_errors() as err:
+            print(f"rtda: error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+        finally:
+            wandb = sys.modules.get("wandb")
+            if wandb is not None and getattr(wandb, "run", None) is not None:
+                wandb.finish()
+
+    return wrapped

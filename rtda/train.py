@@ -39,6 +39,23 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
+def test_summary(metrics: dict, class_names: list[str]) -> dict | None:
+    """``test/*`` values logged by the module (present in the main process under every strategy)."""
+    if "test/mIoU" not in metrics:
+        return None
+
+    def value(key):
+        v = float(metrics[key])
+        return None if math.isnan(v) else v
+
+    return {
+        "mIoU": value("test/mIoU"),
+        "acc": value("test/acc"),
+        "mAcc": value("test/mAcc"),
+        "IoU": {name: value(f"test/IoU/{name}") for name in class_names},
+    }
+
+
 def format_summary(results: dict) -> str:
     lines = ["", "=" * 60, f"rtda: {results['experiment']}"]
     test = results.get("test")
@@ -103,15 +120,16 @@ def train(cfg: DictConfig) -> dict:
         "choices": rtda_config.choices(),
         "run_dir": str(output_dir.resolve()),
         "git_revision": revision,
-        "test": module.test_results and {k: v for k, v in module.test_results.items() if k != "confmat"},
+        "test": test_summary(trainer.callback_metrics, module.class_names),
         "best_val_mIoU": None if best_score is None else float(best_score),
         "best_checkpoint": str(Path(best).resolve()) if best else None,
         "last_checkpoint": str(last.resolve()) if last and last.is_file() else None,
         "tested_weights": cfg.get("test_ckpt", "last"),
         "warnings": getattr(net, "warnings", []),
     }
-    if module.test_results:
-        results["test/mIoU"] = module.test_results["mIoU"]
+    if results["test"]:
+        results["test/mIoU"] = results["test"]["mIoU"]
+    if module.test_results:  # not filled in this process under ddp_spawn
         results["test/confmat"] = module.test_results["confmat"]
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +139,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=str(rtda_config.CONFIG_DIR), config_name="train")
+@rtda_config.report_user_errors
 def _hydra_main(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     results = train(cfg)
@@ -132,7 +151,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    rtda_config.run_hydra(_hydra_main)
+    _hydra_main()
 
 
 if __name__ == "__main__":

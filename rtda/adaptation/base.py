@@ -166,7 +166,7 @@ class SegmentationModule(pl.LightningModule):
         grid = np.concatenate([prediction_panel(batch["image"][i], batch["label"][i], preds[i]) for i in range(n)], axis=0)
         from PIL import Image
 
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions"
+        folder = Path(self.trainer.default_root_dir) / "predictions"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(folder / f"{stage}_step{self.global_step:06d}.png")
         for logger in self.loggers:

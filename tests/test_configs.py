@@ -1,0 +1,72 @@
+"""Every option of every config group composes, and the parts rtda-train builds from it instantiate."""
+
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from rtda.config import CONFIG_DIR
+
+GROUPS = ["data", "model", "augmentation", "adaptation", "optimizer", "trainer", "logger", "callbacks", "experiment", "debug"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def compose_train(overrides, tmp_path: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.data_dir = str(tmp_path / "data")
+    return cfg
+
+
+def test_contract_options_exist():
+    assert {"demo", "demo_oracle"} <= set(options("data"))
+    assert "bisenet_r18" in options("model")
+    assert {"none", "geometric", "photometric"} <= set(options("augmentation"))
+    assert "source_only" in options("adaptation")
+    assert {"fdr", "overfit", "limit", "profiler"} <= set(options("debug"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g) if not (g == "debug" and o == "default")])
+def test_every_option_composes(group, option, tmp_path):
+    cfg = compose_train([f"{group}={option}"], tmp_path)
+    assert cfg.data.num_classes == 19
+    if group in ("data", "model", "augmentation", "adaptation", "optimizer"):
+        net = hydra.utils.instantiate(cfg.model)
+        module = hydra.utils.instantiate(cfg.adaptation, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer))
+        dm = hydra.utils.instantiate(cfg.data, augmentation=cfg.augmentation)
+        assert module.net is net and dm.num_classes == 19
+    if group in ("logger", "callbacks"):
+        for node in (cfg.get("logger") or {}).values():
+            assert hydra.utils.instantiate(node) is not None
+        for node in (cfg.get("callbacks") or {}).values():
+            assert hydra.utils.instantiate(node) is not None
+    if group == "trainer" and cfg.trainer.accelerator == "cpu":
+        trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        assert trainer.max_steps == cfg.trainer.max_steps
+
+
+def test_data_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("RTDA_DATA_DIR", "/datasets")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    assert cfg.paths.data_dir == "/datasets"
+    assert cfg.data.source.root == "/datasets/demo/gta5"
+
+
+def test_unknown_option_lists_the_valid_ones():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        with pytest.raises(Exception, match=r"(?s)model/bisenet_r1000.*bisenet_r18"):
+            compose("train", overrides=["model=bisenet_r1000"])

@@ -1,0 +1,135 @@
+"""The readers on small trees written here in the real formats: each returns exactly the encoded ids."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rtda.data.base import DatasetFormatError
+from rtda.data.cityscapes import Cityscapes
+from rtda.data.gta5 import GTA5
+from rtda.data.labels import ID_PALETTE, label_ids_to_train_ids
+from rtda.data.transforms import SegmentationTransform
+
+RNG = np.random.default_rng(0)
+
+
+def _ids(h=6, w=10):
+    return RNG.choice([0, 1, 7, 8, 11, 17, 19, 20, 21, 23, 24, 26, 33, 9, 14], size=(h, w)).astype(np.uint8)
+
+
+def _image(h=6, w=10):
+    return RNG.integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def _gta5_tree(root, encodings=("P", "RGB")):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    truth = {}
+    for i, enc in enumerate(encodings):
+        name = f"{i + 1:05d}.png"
+        ids = _ids()
+        Image.fromarray(_image()).save(root / "images" / name)
+        if enc == "P":
+            lbl = Image.fromarray(ids, mode="P")
+            lbl.putpalette(ID_PALETTE.flatten().tolist())
+        elif enc == "L":
+            lbl = Image.fromarray(ids, mode="L")
+        else:
+            lbl = Image.fromarray(ID_PALETTE[ids])
+        lbl.save(root / "labels" / name)
+        truth[name[:-4]] = label_ids_to_train_ids(ids)
+    return truth
+
+
+def test_gta5_indexed_greyscale_and_rgb_labels(tmp_path):
+    truth = _gta5_tree(tmp_path, ("P", "L", "RGB"))
+    ds = GTA5(tmp_path)
+    assert len(ds) == 3
+    for i in range(3):
+        s = ds[i]
+        np.testing.assert_array_equal(s["label"], truth[s["name"]])
+        assert s["image"].shape == (6, 10, 3) and s["image"].dtype == np.uint8
+
+
+def test_gta5_missing_pair_is_skipped_and_counted(tmp_path):
+    _gta5_tree(tmp_path, ("P", "P", "P"))
+    (tmp_path / "labels" / "00002.png").unlink()
+    with pytest.warns(UserWarning, match="1 of 3 images have no label"):
+        ds = GTA5(tmp_path)
+    assert len(ds) == 2 and ds.missing == 1
+
+
+def test_gta5_split_list(tmp_path):
+    _gta5_tree(tmp_path, ("P", "P", "P"))
+    (tmp_path / "train.txt").write_text("00003.png\n00001.png\n")
+    ds = GTA5(tmp_path, split="train")
+    assert [p.name for p in ds.image_paths] == ["00003.png", "00001.png"]
+
+
+def test_gta5_missing_root_names_the_path_and_layout(tmp_path):
+    with pytest.raises(DatasetFormatError, match=r"(?s)GTA5: folder not found: .*nowhere/images.*ROOT/labels/00001.png"):
+        GTA5(tmp_path / "nowhere")
+
+
+def _cityscapes_tree(root, split="val", train_ids=False, cities=("lindau", "munster")):
+    truth = {}
+    for c, city in enumerate(cities):
+        for k in range(2):
+            stem = f"{city}_{k:06d}_{19 + c:06d}"
+            (root / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
+            (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_image()).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+            ids = _ids()
+            Image.fromarray(ids).save(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
+            if train_ids:  # deliberately different from the labelIds file, to see which one is read
+                Image.fromarray(np.full_like(ids, c + k)).save(root / "gtFine" / split / city / f"{stem}_gtFine_labelTrainIds.png")
+                truth[f"{stem}_leftImg8bit"] = np.full_like(ids, c + k)
+            else:
+                truth[f"{stem}_leftImg8bit"] = label_ids_to_train_ids(ids)
+    return truth
+
+
+@pytest.mark.parametrize("train_ids", [False, True])
+def test_cityscapes_label_ids_and_train_ids(tmp_path, train_ids):
+    truth = _cityscapes_tree(tmp_path, train_ids=train_ids)
+    ds = Cityscapes(tmp_path, "val")
+    assert len(ds) == 4
+    for i in range(len(ds)):
+        s = ds[i]
+        np.testing.assert_array_equal(s["label"], truth[s["name"]])
+
+
+def test_cityscapes_unlabelled_target_needs_no_gtfine(tmp_path):
+    _cityscapes_tree(tmp_path, split="train")
+    import shutil
+
+    shutil.rmtree(tmp_path / "gtFine")
+    ds = Cityscapes(tmp_path, "train", labelled=False)
+    assert "label" not in ds[0]
+    with pytest.raises(DatasetFormatError, match="gtFine/train"):
+        Cityscapes(tmp_path, "train")
+
+
+def test_cityscapes_missing_split_names_the_path(tmp_path):
+    _cityscapes_tree(tmp_path, split="val")
+    with pytest.raises(DatasetFormatError, match=r"(?s)leftImg8bit/train.*_gtFine_labelIds.png"):
+        Cityscapes(tmp_path, "train")
+
+
+def test_corrupt_image_is_named(tmp_path):
+    _gta5_tree(tmp_path, ("P",))
+    (tmp_path / "images" / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(OSError, match="00001.png"):
+        GTA5(tmp_path)[0]
+
+
+def test_transform_resizes_jointly_and_keeps_full_res_eval_labels(tmp_path):
+    _cityscapes_tree(tmp_path)
+    train = Cityscapes(tmp_path, "val", transform=SegmentationTransform((4, 8)))[0]
+    assert train["image"].shape == (3, 4, 8) and train["image"].dtype == torch.float32
+    assert train["label"].shape == (4, 8) and train["label"].dtype == torch.long
+    ev = Cityscapes(tmp_path, "val", transform=SegmentationTransform((4, 8), resize_label=False))
+    s, raw = ev[0], ev.load(0)
+    assert s["image"].shape == (3, 4, 8)
+    np.testing.assert_array_equal(s["label"].numpy(), raw["label"])

@@ -1,0 +1,54 @@
+import pytest
+import torch
+from torchvision import models
+
+from rtda.models import pretrained
+from rtda.models.bisenet import BiSeNet
+
+
+def test_bisenet_train_and_eval_outputs():
+    net = BiSeNet(num_classes=19)
+    x = torch.randn(2, 3, 64, 128)
+    net.train()
+    out = net(x)
+    assert isinstance(out, tuple) and len(out) == 3
+    assert all(o.shape == (2, 19, 64, 128) for o in out)
+    net.eval()
+    with torch.no_grad():
+        y = net(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 19, 64, 128)
+
+
+def test_bisenet_r18_size_matches_the_reference():
+    # course template / ooooverflow BiSeNet with ResNet-18 for 19 classes: 12,068,672 parameters
+    assert sum(p.numel() for p in BiSeNet(19).parameters()) == 12_068_672
+
+
+def test_pretrained_from_a_local_torchvision_file(tmp_path):
+    ref = models.resnet18(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "resnet18.pth")
+    net = BiSeNet(19, pretrained=str(tmp_path / "resnet18.pth"))
+    torch.testing.assert_close(net.context_path.stem[0].weight, ref.conv1.weight)
+    torch.testing.assert_close(net.context_path.layer4[1].bn2.running_var, ref.layer4[1].bn2.running_var)
+
+
+def test_pretrained_file_errors_are_clear(tmp_path):
+    with pytest.raises(pretrained.PretrainedWeightsError, match="not found: .*missing.pth"):
+        BiSeNet(19, pretrained=str(tmp_path / "missing.pth"))
+    torch.save({"something": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(pretrained.PretrainedWeightsError, match="wrong file"):
+        BiSeNet(19, pretrained=str(tmp_path / "wrong.pth"))
+
+
+def test_registry_failure_says_how_to_pass_a_file(monkeypatch):
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    with pytest.raises(pretrained.PretrainedWeightsError, match=r"(?s)resnet18-f37072fd.pth.*model.pretrained=/path/to/"):
+        BiSeNet(19, pretrained=True)
+
+
+def test_unknown_backbone():
+    with pytest.raises(ValueError, match="model.backbone='resnet7'"):
+        BiSeNet(19, backbone="resnet7")

@@ -1,0 +1,90 @@
+"""rtda-train through its console script, as a user runs it."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+
+
+def rtda_train(args, cwd, timeout=600):
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(["rtda-train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_folder(out: str) -> Path:
+    match = re.search(r"^run folder: (.+)$", out, re.M)
+    assert match, out[-3000:]
+    return Path(match.group(1))
+
+
+def test_fast_dev_run_writes_a_summary_and_results(tiny_demo_dir, tmp_path):
+    proc = rtda_train(["debug=fdr", *tiny_overrides(tiny_demo_dir)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "target test mIoU:" in proc.stdout and "per-class IoU:" in proc.stdout
+    results = json.loads((run_folder(proc.stdout) / "results.json").read_text())
+    assert 0.0 <= results["test/mIoU"] <= 1.0
+    assert set(results["test"]["IoU"]) == {"road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+                                            "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+                                            "truck", "bus", "train", "motorcycle", "bicycle"}
+    assert results["choices"]["model"] == "bisenet_r18"
+
+
+def test_short_run_saves_resumable_checkpoints_with_config(tiny_demo_dir, tmp_path):
+    args = ["trainer.max_steps=3", "data.batch_size=2", "data.num_workers=0", "trainer.log_every_n_steps=1",
+            "trainer.val_check_interval=3",
+            "augmentation=geometric", *tiny_overrides(tiny_demo_dir)]
+    proc = rtda_train(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = run_folder(proc.stdout)
+    results = json.loads((folder / "results.json").read_text())
+    last = Path(results["last_checkpoint"])
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)  # no pickled objects inside
+    assert ckpt["global_step"] == 3
+    assert ckpt["rtda_config"]["model"]["_target_"] == "rtda.models.bisenet.BiSeNet"
+    metrics = (folder / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "train/loss_seg", "train/loss_aux1", "val/mIoU", "val/IoU/road", "test/mIoU"} <= set(metrics)
+    assert list((folder / "predictions").glob("val_step*.png"))
+    assert (folder / ".hydra" / "config.yaml").is_file()
+
+    # resume the same run folder from its last.ckpt, two more iterations
+    proc = rtda_train([*args, "trainer.max_steps=5", "ckpt_path=auto", f"hydra.run.dir={folder}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 5
+
+
+def test_unknown_option_stops_with_the_valid_choices(tmp_path):
+    proc = rtda_train(["model=bisenet_r1000"], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "bisenet_r1000" in proc.stderr and "bisenet_r18" in proc.stderr
+
+
+def test_missing_dataset_root_names_the_path(tmp_path):
+    proc = rtda_train(["debug=fdr", "data.prepare=null", f"paths.data_dir={tmp_path / 'nowhere'}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1
+    assert f"{tmp_path / 'nowhere'}/demo/gta5/images" in proc.stderr and "Expected this layout" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_readme_gives_the_two_commands():
+    readme = (REPO / "README.md").read_text()
+    assert 'pip install -e ".[dev]" && rtda-train' in readme
+    assert re.search(r"^pytest\b", readme, re.M)
+    ci = (REPO / ".ci" / "run").read_text()
+    assert 'pip install -e ".[dev]"' in ci and "pytest" in ci
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_two_processes(tiny_demo_dir, tmp_path):
+    args = ["trainer=ddp_cpu", "trainer.max_steps=2", "data.batch_size=2", "data.num_workers=0",
+            "callbacks=none", *tiny_overrides(tiny_demo_dir)]
+    proc = rtda_train(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_folder(proc.stdout) / "results.json").read_text())
+    assert 0.0 <= results["test/mIoU"] <= 1.0
+    assert sys.platform  # ran on gloo: nothing GPU-only was needed
