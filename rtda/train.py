@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import warnings
@@ -17,6 +18,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rtda import config as rtda_config
+
+log = logging.getLogger("rtda")
 
 
 def _git_revision() -> str | None:
@@ -56,6 +59,16 @@ def test_summary(metrics: dict, class_names: list[str]) -> dict | None:
     }
 
 
+def random_init_warning(cfg: DictConfig) -> str | None:
+    """Real data with a randomly initialised network: the most common cause of far-too-low baselines."""
+    pretrained = cfg.model.get("pretrained")
+    real_data = cfg.data.get("prepare") is None  # the built-in demo is generated; real datasets are not
+    if real_data and (pretrained is None or pretrained is False or str(pretrained).lower() == "false"):
+        return ("model.pretrained=false on real data: the network trains from random initialisation and will "
+                "score far below the references. Use model.pretrained=true (torchvision ImageNet weights) or a file.")
+    return None
+
+
 def format_summary(results: dict) -> str:
     lines = ["", "=" * 60, f"rtda: {results['experiment']}"]
     test = results.get("test")
@@ -81,6 +94,9 @@ def train(cfg: DictConfig) -> dict:
     from rtda.config import instantiate_dict
 
     output_dir = Path(cfg.paths.output_dir)
+    warnings_seen = [w for w in [random_init_warning(cfg)] if w]
+    for warning in warnings_seen:
+        log.warning(warning)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
 
@@ -125,7 +141,7 @@ def train(cfg: DictConfig) -> dict:
         "best_checkpoint": str(Path(best).resolve()) if best else None,
         "last_checkpoint": str(last.resolve()) if last and last.is_file() else None,
         "tested_weights": cfg.get("test_ckpt", "last"),
-        "warnings": getattr(net, "warnings", []),
+        "warnings": warnings_seen,
     }
     if results["test"]:
         results["test/mIoU"] = results["test"]["mIoU"]

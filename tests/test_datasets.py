@@ -55,9 +55,9 @@ def test_gta5_indexed_greyscale_and_rgb_labels(tmp_path):
 def test_gta5_missing_pair_is_skipped_and_counted(tmp_path):
     _gta5_tree(tmp_path, ("P", "P", "P"))
     (tmp_path / "labels" / "00002.png").unlink()
-    with pytest.warns(UserWarning, match="1 of 3 images have no label"):
+    with pytest.warns(UserWarning, match=r"2 samples used; 1 of 3 samples skipped \(no label file"):
         ds = GTA5(tmp_path)
-    assert len(ds) == 2 and ds.missing == 1
+    assert len(ds) == 2 and ds.skipped == {"no label file, or no image, for the name": 1}
 
 
 def test_gta5_split_list(tmp_path):
@@ -133,3 +133,64 @@ def test_transform_resizes_jointly_and_keeps_full_res_eval_labels(tmp_path):
     s, raw = ev[0], ev.load(0)
     assert s["image"].shape == (3, 4, 8)
     np.testing.assert_array_equal(s["label"].numpy(), raw["label"])
+
+
+def test_gta5_size_mismatch_is_resized_and_counted(tmp_path):
+    truth = _gta5_tree(tmp_path, ("P", "P"))
+    big = np.kron(np.asarray(Image.open(tmp_path / "labels" / "00002.png")), np.ones((2, 2), dtype=np.uint8))
+    lbl = Image.fromarray(big, mode="P")
+    lbl.putpalette(ID_PALETTE.flatten().tolist())
+    lbl.save(tmp_path / "labels" / "00002.png")
+    with pytest.warns(UserWarning, match="1 labels differ in size from their image and are resized"):
+        ds = GTA5(tmp_path)
+    s = ds[1]
+    assert s["label"].shape == s["image"].shape[:2]
+    np.testing.assert_array_equal(s["label"], truth["00002"])  # 2x nearest down-sampling restores it
+
+
+def test_cityscapes_size_mismatch_stops_before_training(tmp_path):
+    _cityscapes_tree(tmp_path)
+    label = next((tmp_path / "gtFine" / "val").glob("*/*_labelIds.png"))
+    Image.fromarray(np.zeros((3, 3), dtype=np.uint8)).save(label)
+    with pytest.raises(DatasetFormatError, match=rf"label {label} is 3x3 but its image .* is 10x6"):
+        Cityscapes(tmp_path, "val")
+
+
+def test_corrupt_png_is_skipped_with_a_count(tmp_path):
+    _gta5_tree(tmp_path, ("P", "P", "RGB"))
+    (tmp_path / "images" / "00002.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.warns(UserWarning, match=r"1 of 3 samples skipped \(unreadable image or label, e.g. .*00002.png"):
+        ds = GTA5(tmp_path)
+    assert [p.name for p in ds.image_paths] == ["00001.png", "00003.png"]
+
+
+def test_all_corrupt_or_empty_is_an_error_not_an_empty_epoch(tmp_path):
+    _gta5_tree(tmp_path / "a", ("P",))
+    (tmp_path / "a" / "labels" / "00001.png").write_bytes(b"garbage")
+    with pytest.raises(DatasetFormatError, match=r"no usable samples \(1 of 1 samples skipped \(unreadable .*00001.png"):
+        GTA5(tmp_path / "a")
+    (tmp_path / "b" / "images").mkdir(parents=True)
+    (tmp_path / "b" / "labels").mkdir()
+    with pytest.raises(DatasetFormatError, match=r"no images in .*b/images"):
+        GTA5(tmp_path / "b")
+    (tmp_path / "c" / "leftImg8bit" / "val" / "lindau").mkdir(parents=True)
+    with pytest.raises(DatasetFormatError, match=r"no \*_leftImg8bit.png files in .*c/leftImg8bit/val"):
+        Cityscapes(tmp_path / "c", "val")
+
+
+def test_truncated_file_mid_epoch_is_skipped_in_training_only(tmp_path):
+    _gta5_tree(tmp_path, ("P", "P"))
+    path = tmp_path / "images" / "00001.png"
+    data = Image.open(path)
+    data = np.asarray(data)
+    Image.fromarray(np.tile(data, (20, 20, 1))).save(tmp_path / "big.png")  # header survives, pixels do not
+    big = (tmp_path / "big.png").read_bytes()
+    path.write_bytes(big[: len(big) // 2])
+    Image.fromarray(np.kron(np.asarray(Image.open(tmp_path / "labels" / "00001.png")), np.ones((20, 20), np.uint8))).save(
+        tmp_path / "labels" / "00001.png")
+    ds = GTA5(tmp_path)
+    with pytest.raises(OSError, match="00001.png"):
+        ds[0]
+    ds.skip_unreadable = True
+    with pytest.warns(UserWarning, match="skipping a sample that failed to decode.*00001.png"):
+        assert ds[0]["name"] == "00002"

@@ -52,3 +52,42 @@ def test_registry_failure_says_how_to_pass_a_file(monkeypatch):
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="model.backbone='resnet7'"):
         BiSeNet(19, backbone="resnet7")
+
+
+def test_deeplabv2_matches_the_official_parameter_count_and_shapes():
+    from rtda.models.deeplabv2 import DeepLabV2
+
+    net = DeepLabV2(19)
+    assert sum(p.numel() for p in net.parameters()) == 43_901_068
+    x = torch.randn(1, 3, 65, 129)  # odd sizes: ceil-mode pooling, output still at the input size
+    net.train()
+    assert net(x).shape == (1, 19, 65, 129)
+    assert not net.bn1.training and not net.layer3[5].bn2.training  # frozen BatchNorm stays in eval mode
+    assert not net.bn1.weight.requires_grad
+    multi = DeepLabV2(19, multi_level=True).train()
+    main, aux = multi(x)
+    assert main.shape == aux.shape == (1, 19, 65, 129) and multi.aux_weights == (0.1,)
+    head = {id(p) for p in multi.classifier.parameters()} | {id(p) for p in multi.aux_classifier.parameters()}
+    assert not head & {id(p) for p in multi.backbone_parameters()}
+
+
+def test_deeplabv2_loads_official_style_init_and_skips_a_foreign_classifier(tmp_path):
+    from rtda.models.deeplabv2 import DeepLabV2
+
+    donor = DeepLabV2(21, stride_in_1x1=True)
+    state = {("Scale." + k.replace("classifier.", "layer5.")): v for k, v in donor.state_dict().items()}
+    torch.save(state, tmp_path / "DeepLab_init.pth")
+    net = DeepLabV2(19, pretrained=str(tmp_path / "DeepLab_init.pth"))
+    assert net.stride_in_1x1  # Caffe-style strides, as the DeepLab weights expect
+    assert net.layer2[0].conv1.stride == (2, 2)
+    torch.testing.assert_close(net.layer4[2].conv3.weight, donor.layer4[2].conv3.weight)
+    assert net.classifier.conv2d_list[0].weight.shape[0] == 19  # 21-class head not loaded
+
+
+def test_deeplabv2_loads_torchvision_resnet101(tmp_path):
+    from rtda.models.deeplabv2 import DeepLabV2
+
+    ref = models.resnet101(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "resnet101.pth")
+    net = DeepLabV2(19, pretrained=str(tmp_path / "resnet101.pth"), stride_in_1x1=False)
+    torch.testing.assert_close(net.layer3[10].conv2.weight, ref.layer3[10].conv2.weight)

@@ -1,0 +1,163 @@
+"""DeepLabV2 with a ResNet-101 backbone, as in the official AdaptSegNet / ADVENT / FDA code.
+
+* ResNet-101 with ``layer3`` and ``layer4`` dilated (2 and 4) instead of strided: output stride 8;
+  the stem's max-pool uses ``ceil_mode=True`` as in the Caffe model;
+* the ASPP classifier *sums* four 3x3 convolutions with dilations 6, 12, 18, 24 (with bias,
+  weights ~ N(0, 0.01)), without the image-pooling branch of DeepLabV3;
+* all BatchNorm layers frozen (statistics and affine parameters), as the official code trains with
+  batch size 1; the classifier gets 10x the backbone's learning rate (``head_lr_mult``);
+* ``multi_level=True`` adds the second classifier on ``layer3`` that AdaptSegNet's multi-level variant
+  uses, weighted 0.1 in the segmentation loss (``aux_weights``).
+
+Single-level for 19 classes has 43,901,068 parameters, as in the official code.
+
+Initialisation: ``pretrained=true`` loads torchvision's ImageNet ResNet-101; a file path loads either
+torchvision-style weights or the official DeepLab (MS-COCO) init ``DeepLab_resnet_pretrained_init-f81d91e8.pth``
+that the papers start from (its 21/91-class classifier is skipped when the shapes differ, as the official
+scripts do). The Caffe-derived DeepLab weights put the stride in each block's first 1x1 convolution;
+``stride_in_1x1`` (default: true for a file, false for torchvision weights) follows the weights.
+
+Deliberate difference: logits are upsampled to the input size inside ``forward`` with
+``align_corners=False`` (the official training loop upsamples outside with ``align_corners=True``), so
+every rtda network has the same interface.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import ResNet101_Weights
+
+from rtda.models.pretrained import file_state_dict, load_matching, registry_state_dict
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None,
+                 stride_in_1x1: bool = False):
+        super().__init__()
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=s1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=s3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ASPPClassifier(nn.Module):
+    """Sum of parallel dilated 3x3 convolutions straight to class scores (DeepLabV2's ASPP)."""
+
+    def __init__(self, in_channels: int, num_classes: int, dilations=(6, 12, 18, 24)):
+        super().__init__()
+        self.conv2d_list = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d, bias=True) for d in dilations
+        )
+        for conv in self.conv2d_list:
+            nn.init.normal_(conv.weight, 0, 0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2d_list[0](x)
+        for conv in self.conv2d_list[1:]:
+            out = out + conv(x)
+        return out
+
+
+class DeepLabV2(nn.Module):
+    """DeepLabV2-ResNet101. ``forward`` returns logits at the input size; with ``multi_level`` it returns
+    ``(main, aux)`` in training mode (main from ``layer4``, aux from ``layer3``)."""
+
+    head_lr_mult = 10.0
+
+    def __init__(self, num_classes: int = 19, pretrained: bool | str = False, multi_level: bool = False,
+                 layers=(3, 4, 23, 3), stride_in_1x1: bool | None = None, aux_weights: tuple[float, ...] = (0.1,),
+                 freeze_bn: bool = True):
+        super().__init__()
+        from_file = bool(pretrained) and not (pretrained is True or str(pretrained).lower() in ("true", "imagenet"))
+        self.stride_in_1x1 = from_file if stride_in_1x1 is None else stride_in_1x1
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.layer1 = self._make_layer(64, layers[0])
+        self.layer2 = self._make_layer(128, layers[1], stride=2)
+        self.layer3 = self._make_layer(256, layers[2], dilation=2)
+        self.layer4 = self._make_layer(512, layers[3], dilation=4)
+        self.classifier = ASPPClassifier(2048, num_classes)
+        self.aux_classifier = ASPPClassifier(1024, num_classes) if multi_level else None
+        self.aux_weights = tuple(aux_weights) if multi_level else ()
+        self.freeze_bn = freeze_bn
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m not in self._classifier_convs():
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.requires_grad_(False)
+                    m.bias.requires_grad_(False)
+        if pretrained:
+            if from_file:
+                self.load_backbone(file_state_dict(pretrained), str(pretrained))
+            else:
+                self.load_backbone(registry_state_dict(ResNet101_Weights.IMAGENET1K_V1), str(ResNet101_Weights.IMAGENET1K_V1))
+
+    def _classifier_convs(self) -> set:
+        heads = [self.classifier] + ([self.aux_classifier] if self.aux_classifier is not None else [])
+        return {m for h in heads for m in h.modules()}
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * 4 or dilation in (2, 4):
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4))
+        layers = [Bottleneck(self.inplanes, planes, stride, dilation, downsample, self.stride_in_1x1)]
+        self.inplanes = planes * 4
+        layers += [Bottleneck(self.inplanes, planes, 1, dilation, None, self.stride_in_1x1) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def load_backbone(self, state: dict, source: str) -> None:
+        """Load ResNet weights (torchvision or official DeepLab names); the official single-level
+        classifier ``layer5`` loads into ``classifier`` when its shape fits (same number of classes)."""
+        renamed = {("classifier." + k[len("layer5."):] if k.startswith("layer5.") else k): v for k, v in state.items()}
+        missing = load_matching(self, renamed, source, prefixes=("", "backbone.", "Scale."))
+        backbone_missing = [k for k in missing if not k.startswith(("classifier.", "aux_classifier."))]
+        if backbone_missing:
+            raise ValueError(f"{source}: {len(backbone_missing)} backbone tensors were not in the file, e.g. {backbone_missing[:3]}")
+
+    def backbone_parameters(self):
+        heads = {id(p) for p in self.classifier.parameters()}
+        if self.aux_classifier is not None:
+            heads |= {id(p) for p in self.aux_classifier.parameters()}
+        return (p for p in self.parameters() if id(p) not in heads)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_bn:  # frozen statistics: BatchNorm stays in eval mode
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor):
+        size = x.shape[-2:]
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        f3 = self.layer3(x)
+        f4 = self.layer4(f3)
+        out = F.interpolate(self.classifier(f4), size=size, mode="bilinear", align_corners=False)
+        if self.training and self.aux_classifier is not None:
+            aux = F.interpolate(self.aux_classifier(f3), size=size, mode="bilinear", align_corners=False)
+            return out, aux
+        return out
