@@ -39,6 +39,16 @@ def choices() -> dict:
     return {k: v for k, v in picked.items() if not k.startswith("hydra") and v is not None}
 
 
+def overrides() -> list[str]:
+    """The command-line overrides of this run (``["experiment=...", "seed=2"]``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
 def describe(cfg: DictConfig) -> str:
     picked = choices()
     parts = [f"{k}={picked[k]}" for k in ("experiment", "data", "model", "augmentation", "adaptation") if picked.get(k)]

@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rtda import config as rtda_config
+from rtda.results import format_summary, test_summary
 
 log = logging.getLogger("rtda")
 
@@ -42,23 +43,6 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
-def test_summary(metrics: dict, class_names: list[str]) -> dict | None:
-    """``test/*`` values logged by the module (present in the main process under every strategy)."""
-    if "test/mIoU" not in metrics:
-        return None
-
-    def value(key):
-        v = float(metrics[key])
-        return None if math.isnan(v) else v
-
-    return {
-        "mIoU": value("test/mIoU"),
-        "acc": value("test/acc"),
-        "mAcc": value("test/mAcc"),
-        "IoU": {name: value(f"test/IoU/{name}") for name in class_names},
-    }
-
-
 def random_init_warning(cfg: DictConfig) -> str | None:
     """Real data with a randomly initialised network: the most common cause of far-too-low baselines."""
     pretrained = cfg.model.get("pretrained")
@@ -67,24 +51,6 @@ def random_init_warning(cfg: DictConfig) -> str | None:
         return ("model.pretrained=false on real data: the network trains from random initialisation and will "
                 "score far below the references. Use model.pretrained=true (torchvision ImageNet weights) or a file.")
     return None
-
-
-def format_summary(results: dict) -> str:
-    lines = ["", "=" * 60, f"rtda: {results['experiment']}"]
-    test = results.get("test")
-    if test:
-        lines.append(f"target test mIoU: {100 * test['mIoU']:.2f}   (pixel acc {100 * test['acc']:.2f})")
-        lines.append("per-class IoU:")
-        for name, iou in test["IoU"].items():
-            lines.append(f"  {name:<14} {'   n/a' if iou is None else f'{100 * iou:6.2f}'}")
-    if results.get("best_val_mIoU") is not None:
-        lines.append(f"best val mIoU: {100 * results['best_val_mIoU']:.2f}")
-    lines.append(f"run folder: {results['run_dir']}")
-    lines.append(f"checkpoint: {results.get('best_checkpoint') or results.get('last_checkpoint') or 'none saved'}")
-    for warning in results.get("warnings", []):
-        lines.append(f"WARNING: {warning}")
-    lines.append("=" * 60)
-    return "\n".join(lines)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -104,7 +70,9 @@ def train(cfg: DictConfig) -> dict:
     net = hydra.utils.instantiate(cfg.model)
     module = hydra.utils.instantiate(cfg.adaptation, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer))
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    module.run_config = resolved
+    # saved in every checkpoint: the resolved config (what the weights need) and the command line that made
+    # it (so rtda-eval can recompose the run's data with today's paths)
+    module.run_config = {"config": resolved, "overrides": rtda_config.overrides(), "choices": rtda_config.choices()}
 
     loggers = list(instantiate_dict(cfg.get("logger")).values())
     callbacks = list(instantiate_dict(cfg.get("callbacks")).values())
@@ -115,22 +83,30 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams({**resolved, "git_revision": revision})
 
+    ckpt_cb = trainer.checkpoint_callback
+    tested = None
     try:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
-        ckpt_cb = trainer.checkpoint_callback
+            if ckpt_cb is not None and ckpt_cb.dirpath:
+                # last.ckpt = the final weights, even when training stopped between two validations
+                tested = str(Path(ckpt_cb.dirpath) / "last.ckpt")
+                trainer.save_checkpoint(tested)
+        elif cfg.get("ckpt_path"):
+            tested = resolve_ckpt_path(cfg.ckpt_path, output_dir)
         best = getattr(ckpt_cb, "best_model_path", "") or None
         if cfg.get("test", True):
-            test_ckpt = best if cfg.get("test_ckpt") == "best" and best else None
-            if not cfg.get("train", True) and cfg.get("ckpt_path"):
-                test_ckpt = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+            test_ckpt = None  # the weights in memory: the final ones, or those loaded below
+            if cfg.get("test_ckpt") == "best" and best:
+                test_ckpt = tested = best
+            elif not cfg.get("train", True) and tested:
+                test_ckpt = tested
             trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=False)
     finally:
         for logger in loggers:
             logger.finalize("success")
 
     best_score = getattr(ckpt_cb, "best_model_score", None) if ckpt_cb else None
-    last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb and ckpt_cb.dirpath else None
     results = {
         "experiment": rtda_config.describe(cfg),
         "choices": rtda_config.choices(),
@@ -139,7 +115,7 @@ def train(cfg: DictConfig) -> dict:
         "test": test_summary(trainer.callback_metrics, module.class_names),
         "best_val_mIoU": None if best_score is None else float(best_score),
         "best_checkpoint": str(Path(best).resolve()) if best else None,
-        "last_checkpoint": str(last.resolve()) if last and last.is_file() else None,
+        "checkpoint": str(Path(tested).resolve()) if tested and Path(tested).is_file() else None,
         "tested_weights": cfg.get("test_ckpt", "last"),
         "warnings": warnings_seen,
     }

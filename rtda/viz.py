@@ -45,3 +45,35 @@ def prediction_panel(image: torch.Tensor, label: torch.Tensor | None, pred: torc
         parts.append(_fit(colorize(label), shape))
     parts.append(pred_rgb)
     return np.concatenate(parts, axis=1)
+
+
+def save_rgb(rgb: np.ndarray, path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(rgb)).save(path)
+
+
+def plot_confusion_matrix(confmat: torch.Tensor, class_names, path) -> None:
+    """Row-normalised confusion matrix (rows: ground truth) as a PNG, with per-class recall on the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = confmat.double()
+    norm = (cm / cm.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(0.45 * n + 2, 0.45 * n + 1.5))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=90)
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    for i in range(n):
+        if cm[i].sum() > 0:
+            ax.text(i, i, f"{100 * norm[i, i]:.0f}", ha="center", va="center", fontsize=6,
+                    color="white" if norm[i, i] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -27,3 +27,22 @@ def tiny_demo_dir(tmp_path_factory) -> Path:
 def tiny_overrides(data_dir: Path) -> list[str]:
     """Hydra overrides that point the demo config at the tiny demo and keep a run to seconds."""
     return [f"paths.data_dir={data_dir}"] + [f"+data.prepare.{k}={v}" for k, v in TINY_DEMO.items() if k != "seed"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_demo_dir, tmp_path_factory) -> dict:
+    """One short rtda-train run on the tiny demo (6 iterations, geometric augmentation), shared by the
+    tests that inspect its outputs; returns its results.json with the working folder."""
+    import json
+    import re
+    import subprocess
+
+    cwd = tmp_path_factory.mktemp("run")
+    args = ["trainer.max_steps=6", "trainer.val_check_interval=3", "data.batch_size=2", "data.num_workers=0",
+            "trainer.log_every_n_steps=1", "augmentation=geometric", *tiny_overrides(tiny_demo_dir)]
+    proc = subprocess.run(["rtda-train", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = Path(re.search(r"^run folder: (.+)$", proc.stdout, re.M).group(1))
+    results = json.loads((folder / "results.json").read_text())
+    return {**results, "cwd": cwd, "folder": folder, "args": args, "stdout": proc.stdout}

@@ -84,9 +84,9 @@ def _cityscapes_tree(root, split="val", train_ids=False, cities=("lindau", "muns
             Image.fromarray(ids).save(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
             if train_ids:  # deliberately different from the labelIds file, to see which one is read
                 Image.fromarray(np.full_like(ids, c + k)).save(root / "gtFine" / split / city / f"{stem}_gtFine_labelTrainIds.png")
-                truth[f"{stem}_leftImg8bit"] = np.full_like(ids, c + k)
+                truth[stem] = np.full_like(ids, c + k)
             else:
-                truth[f"{stem}_leftImg8bit"] = label_ids_to_train_ids(ids)
+                truth[stem] = label_ids_to_train_ids(ids)
     return truth
 
 

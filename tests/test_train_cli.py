@@ -35,27 +35,30 @@ def test_fast_dev_run_writes_a_summary_and_results(tiny_demo_dir, tmp_path):
     assert results["choices"]["model"] == "bisenet_r18"
 
 
-def test_short_run_saves_resumable_checkpoints_with_config(tiny_demo_dir, tmp_path):
-    args = ["trainer.max_steps=3", "data.batch_size=2", "data.num_workers=0", "trainer.log_every_n_steps=1",
-            "trainer.val_check_interval=3",
-            "augmentation=geometric", *tiny_overrides(tiny_demo_dir)]
-    proc = rtda_train(args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    folder = run_folder(proc.stdout)
-    results = json.loads((folder / "results.json").read_text())
-    last = Path(results["last_checkpoint"])
+def test_short_run_saves_resumable_checkpoints_with_config(trained_run):
+    folder = trained_run["folder"]
+    last = Path(trained_run["checkpoint"])
+    assert last.name == "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)  # no pickled objects inside
-    assert ckpt["global_step"] == 3
-    assert ckpt["rtda_config"]["model"]["_target_"] == "rtda.models.bisenet.BiSeNet"
+    assert ckpt["global_step"] == 6
+    assert ckpt["rtda"]["config"]["model"]["_target_"] == "rtda.models.bisenet.BiSeNet"
+    assert "augmentation=geometric" in ckpt["rtda"]["overrides"] and ckpt["rtda"]["choices"]["data"] == "demo"
     metrics = (folder / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/loss", "train/loss_seg", "train/loss_aux1", "val/mIoU", "val/IoU/road", "test/mIoU"} <= set(metrics)
     assert list((folder / "predictions").glob("val_step*.png"))
     assert (folder / ".hydra" / "config.yaml").is_file()
 
-    # resume the same run folder from its last.ckpt, two more iterations
-    proc = rtda_train([*args, "trainer.max_steps=5", "ckpt_path=auto", f"hydra.run.dir={folder}"], cwd=tmp_path)
+
+def test_resume_continues_from_last_checkpoint(trained_run, tmp_path):
+    import shutil
+
+    folder = tmp_path / "resumed"
+    shutil.copytree(trained_run["folder"], folder)
+    args = [*trained_run["args"], "trainer.max_steps=9", "ckpt_path=auto", f"hydra.run.dir={folder}"]
+    proc = rtda_train(args, cwd=trained_run["cwd"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 5
+    assert "Restoring states from the checkpoint" in proc.stdout + proc.stderr
+    assert torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 9
 
 
 def test_unknown_option_stops_with_the_valid_choices(tmp_path):

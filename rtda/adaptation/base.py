@@ -40,7 +40,7 @@ class SegmentationModule(pl.LightningModule):
     Args:
         net: the segmentation network; in training mode it may return ``(main, *aux)`` logits, weighted
             in the loss by ``net.aux_weights`` (default 1 each).
-        optimizer: a partial optimizer (Hydra ``_partial_: true``) taking parameter groups.
+        optimizer: a partial optimizer (Hydra ``_partial_: true``) taking parameter groups (None: evaluation only).
         poly_power: exponent of the poly learning-rate schedule, stepped once per iteration.
         head_lr_mult: learning-rate multiplier for everything but ``net.backbone_parameters()``;
             ``None`` takes the network's own ``head_lr_mult`` (DeepLabV2: 10, as in the official code).
@@ -53,7 +53,7 @@ class SegmentationModule(pl.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         num_classes: int = 19,
         poly_power: float = 0.9,
         head_lr_mult: float | None = None,
@@ -68,7 +68,7 @@ class SegmentationModule(pl.LightningModule):
         self.class_names = list(class_names or CLASS_NAMES[:num_classes])
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for num_classes={num_classes}")
-        self.run_config: dict | None = None  # the resolved Hydra config, saved into checkpoints by rtda-train
+        self.run_config: dict | None = None  # config, overrides and choices of the run, saved into checkpoints
         self.test_results: dict | None = None
         self.configure_models()
         self.configure_losses()
@@ -104,7 +104,11 @@ class SegmentationModule(pl.LightningModule):
 
     @torch.no_grad()
     def predict_logits(self, image: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
-        """Eval-mode logits, bilinearly upsampled to ``size`` (the label's resolution) when given."""
+        """Eval-mode logits, bilinearly upsampled to ``size`` (the label's resolution) when given.
+
+        A network with its own ``predict(image, size)`` (an ensemble) does both itself."""
+        if hasattr(self.net, "predict"):
+            return self.net.predict(image, size)
         logits = self.net(image)
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
@@ -204,4 +208,4 @@ class SegmentationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
-            checkpoint["rtda_config"] = self.run_config
+            checkpoint["rtda"] = self.run_config
