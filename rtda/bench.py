@@ -5,8 +5,9 @@
     rtda-bench -m model=bisenet_r18,deeplabv2_r101      # one comparison table at the end
 
 Rows (``bench.variants``): ``plain`` is the bare ``nn.Module`` forward under ``torch.no_grad`` (the
-baseline); ``eager`` is rtda's own inference path (``SegmentationModule.predict_logits``), so the ratio
-of the two shows any wrapper overhead; ``channels_last``; ``compile`` (``torch.compile``, compile time
+baseline, NCHW); ``eager`` is rtda's own inference path (``SegmentationModule.predict_logits``, NHWC
+unless ``bench.channels_last=false``), so the ratio of the two shows any wrapper overhead or gain;
+``channels_last`` (the bare module in NHWC); ``compile`` (``torch.compile``, compile time
 excluded, reported apart); ``onnxruntime`` (ONNX export of the eval-mode network, fp32, run by ONNX
 Runtime: the deployment path on a CPU). Achieved GFLOP/s is FLOPs / median latency; on the CPU it is also
 given as a fraction of the matmul ceiling measured in the same run (the best of PyTorch's and ONNX
@@ -16,9 +17,11 @@ Runtime's fp32 GEMM, both reported).
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import json
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,8 +54,12 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _onnx_runner(net: torch.nn.Module, example: torch.Tensor, device: torch.device, threads: int):
+    import logging
+
     import onnxruntime as ort
 
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # their INFO logs would bury the table
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     folder = tempfile.mkdtemp(prefix="rtda-onnx-")
     path = Path(folder) / "model.onnx"
     export_start = time.perf_counter()
@@ -136,7 +143,9 @@ def benchmark(cfg: DictConfig) -> list[dict]:
                 ceilings["onnxruntime"] = ort_ceiling
     ceiling = max(ceilings.values()) if ceilings else None
 
-    module = SegmentationModule(net=net, num_classes=cfg.data.num_classes, num_log_images=0).eval()
+    # rtda's inference path on its own copy (it may change the copy's memory format), same weights
+    module = SegmentationModule(net=copy.deepcopy(net), num_classes=cfg.data.num_classes, num_log_images=0,
+                                channels_last=b.channels_last).eval()
     fns, notes, rows = {}, {}, []
     for variant in b.variants:
         try:
@@ -221,6 +230,15 @@ def machine_line(rows: list[dict]) -> str:
            f"peak RSS {m['peak_rss_MB']:.0f} MB"
 
 
+def collect(folder: str | Path) -> list[dict]:
+    """Every ``bench.json`` below ``folder`` (a sweep, or a folder of sweeps) as one list of rows."""
+    rows = []
+    for path in sorted(Path(folder).rglob("bench.json")):
+        if path.parent != Path(folder):
+            rows += json.loads(path.read_text())
+    return rows
+
+
 class ComparisonTable:
     """Hydra callback: after ``rtda-bench -m ...`` print one table of every job's rows."""
 
@@ -229,9 +247,7 @@ class ComparisonTable:
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        rows = []
-        for path in sorted(sweep.glob("*/bench.json")):
-            rows += json.loads(path.read_text())
+        rows = collect(sweep)
         if rows:
             write_rows(rows, sweep)
             print(f"\nrtda-bench comparison ({machine_line(rows)})\n{format_table(rows)}\nwritten to {sweep / 'bench.csv'}")
@@ -254,6 +270,13 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--collect":  # one table of the bench.json files below a folder
+        rows = collect(sys.argv[2])
+        if not rows:
+            raise SystemExit(f"rtda-bench: no bench.json below {sys.argv[2]}")
+        write_rows(rows, Path(sys.argv[2]))
+        print(f"{machine_line(rows)}\n{format_table(rows)}")
+        return
     _hydra_main()
 
 

@@ -110,7 +110,8 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(f"split={cfg.split!r}: expected val or test")
     data_kwargs = {"test": cfg.data.val} if cfg.split == "val" else {}
     datamodule = hydra.utils.instantiate(cfg.data, **data_kwargs)
-    module = SegmentationModule(net=net, optimizer=None, num_classes=cfg.data.num_classes, num_log_images=0)
+    channels_last = ckpts[0]["rtda"]["config"].get("adaptation", {}).get("channels_last", True)  # as the run scored
+    module = SegmentationModule(net=net, num_classes=cfg.data.num_classes, num_log_images=0, channels_last=channels_last)
     output_dir = Path(cfg.paths.output_dir)
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, logger=False,
                          enable_checkpointing=False, default_root_dir=output_dir, enable_model_summary=False)

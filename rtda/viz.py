@@ -6,7 +6,6 @@ import numpy as np
 import torch
 
 from rtda.data.labels import TRAIN_ID_PALETTE
-from rtda.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def colorize(train_ids: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -18,6 +17,8 @@ def colorize(train_ids: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
     """3xHxW ImageNet-normalised tensor -> HxWx3 uint8."""
+    from rtda.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # albumentations only when needed
+
     mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
     rgb = (image.float() * std + mean).clamp(0, 1).mul(255).byte()

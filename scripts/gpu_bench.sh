@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU figures for BENCHMARKS.md: rtda-bench for BiSeNet-R18 and DeepLabV2-R101 at 512x1024 and 1024x2048,
+# fp32 / fp16 / bf16, rows plain / eager / channels_last (+ torch.compile at bf16), then one table.
+# Needs a CUDA GPU. On a machine without Hydra: run scripts/gpu_wheels.sh where PyPI is reachable first,
+# carry .whl/ along, and this script installs them into /tmp/site (albumentations is not needed here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
+out="${OUT:-outputs}/gpu_bench"
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+for size in 512x1024 1024x2048; do
+  h=${size%x*}; w=${size#*x}
+  for prec in fp32 fp16 bf16; do
+    variants='[plain,eager,channels_last]'
+    [ "$prec" = bf16 ] && variants='[plain,eager,channels_last,compile]'
+    python3 -m rtda.bench -m model=bisenet_r18,deeplabv2_r101 bench.device=cuda bench.precision=$prec \
+      bench.height=$h bench.width=$w "bench.variants=$variants" bench.warmup=10 bench.min_runs=30 \
+      bench.max_seconds=3 bench.matmul_ceiling=true "hydra.sweep.dir=$out/${size}_$prec" > "$out/${size}_$prec.log" 2>&1 \
+      || { tail -30 "$out/${size}_$prec.log"; exit 1; }
+  done
+done
+python3 -m rtda.bench --collect "$out"
