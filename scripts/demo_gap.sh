@@ -8,10 +8,12 @@ declare -A sum
 for exp in demo_source_only demo_oracle; do
   sum[$exp]=0
   for seed in "${seeds[@]}"; do
+    start=$(date +%s)
     out=$(rtda-train experiment=$exp seed=$seed "$@" 2>&1) || { echo "$out" | tail -20; exit 1; }
+    secs=$(( $(date +%s) - start ))
     dir=$(echo "$out" | sed -n 's/^run folder: //p')
     miou=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['test/mIoU'])" "$dir/results.json")
-    echo "$exp seed=$seed test/mIoU=$miou ($dir)"
+    echo "$exp seed=$seed test/mIoU=$miou wall=${secs}s ($dir)"
     sum[$exp]=$(python -c "print(${sum[$exp]} + $miou)")
   done
 done

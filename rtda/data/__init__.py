@@ -1,0 +1,1 @@
+"""Datasets (real on-disk formats), the built-in demo pair, transforms and the DataModule."""

@@ -1,0 +1,62 @@
+"""Cityscapes (Cordts et al., 2016) in its distributed layout.
+
+``ROOT/leftImg8bit/{split}/CITY/CITY_SSSSSS_FFFFFF_leftImg8bit.png`` with
+``ROOT/gtFine/{split}/CITY/CITY_SSSSSS_FFFFFF_gtFine_labelIds.png``; when the
+``*_gtFine_labelTrainIds.png`` made by ``cityscapesscripts/preparation/createTrainIdLabelImgs.py``
+is there, it is read directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from rtda.data.base import DatasetFormatError, SegmentationFiles, require_dir
+from rtda.data.labels import label_ids_to_train_ids
+
+EXPECTED_TREE = (
+    "  ROOT/leftImg8bit/{split}/CITY/CITY_SSSSSS_FFFFFF_leftImg8bit.png\n"
+    "  ROOT/gtFine/{split}/CITY/CITY_SSSSSS_FFFFFF_gtFine_labelIds.png  (or _labelTrainIds.png)"
+)
+IMAGE_SUFFIX = "_leftImg8bit.png"
+
+
+def _decode_label_ids(img: Image.Image) -> np.ndarray:
+    return label_ids_to_train_ids(np.asarray(img))
+
+
+def _decode_train_ids(img: Image.Image) -> np.ndarray:
+    return np.asarray(img).astype(np.uint8, copy=False)
+
+
+class Cityscapes(SegmentationFiles):
+    """Cityscapes ``split`` (train / val / test). ``labelled=False`` reads images only (adaptation target)."""
+
+    name_suffix = "_leftImg8bit"
+
+    def __init__(self, root: str | Path, split: str = "train", transform=None, labelled: bool = True, check: bool = True):
+        self.root, self.split = Path(root), split
+        self.dataset_name = f"Cityscapes {self.root} ({split})"
+        tree = EXPECTED_TREE.replace("{split}", split)
+        image_dir = require_dir(self.root / "leftImg8bit" / split, "Cityscapes", tree)
+        images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+        if not images:
+            raise DatasetFormatError(f"Cityscapes: no *{IMAGE_SUFFIX} files in {image_dir}/CITY/\nExpected:\n{tree}")
+        labels, decode = None, None
+        if labelled:
+            label_dir = require_dir(self.root / "gtFine" / split, "Cityscapes", tree)
+            stems = [p.parent.name + "/" + p.name[: -len(IMAGE_SUFFIX)] for p in images]
+            train_ids = [label_dir / f"{s}_gtFine_labelTrainIds.png" for s in stems]
+            label_ids = [label_dir / f"{s}_gtFine_labelIds.png" for s in stems]
+            if all(p.is_file() for p in train_ids):
+                labels, decode = train_ids, _decode_train_ids
+            else:
+                missing = [p for p in label_ids if not p.is_file()]
+                if missing:
+                    raise DatasetFormatError(
+                        f"Cityscapes: {len(missing)} of {len(images)} {split} images have no label, e.g. {missing[0]}\nExpected:\n{tree}"
+                    )
+                labels, decode = label_ids, _decode_label_ids
+        super().__init__(images, labels, decode, transform, check)

@@ -1,0 +1,61 @@
+"""Joint image + label transforms built on albumentations.
+
+A :class:`SegmentationTransform` resizes to the training resolution, runs the augmentation list
+chosen by the ``augmentation`` config group (named albumentations transforms, instantiated by Hydra),
+normalises with the ImageNet statistics the torchvision backbones were trained with, and returns
+tensors. For evaluation, ``resize_label=False`` keeps the label at its full resolution: the network
+predicts at the training resolution and the logits are upsampled to the label (the protocol of the
+AdaptSegNet / ADVENT / FDA evaluation scripts).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SegmentationTransform:
+    """``(image HxWx3 uint8, label HxW uint8 | None) -> {"image": 3xHxW float, "label": HxW long}``."""
+
+    def __init__(
+        self,
+        size: Sequence[int] | None = None,
+        augment: Sequence[A.BasicTransform] | Mapping[str, A.BasicTransform | None] = (),
+        resize_label: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        self.size = tuple(size) if size is not None else None
+        self.resize_label = resize_label
+        steps = []
+        if self.size is not None:
+            steps.append(A.Resize(*self.size))  # bilinear for the image, nearest for the label
+        if isinstance(augment, Mapping):  # named steps from the config; null drops a step
+            augment = [t for t in augment.values() if t is not None]
+        steps += list(augment or ())
+        steps.append(A.Normalize(mean=mean, std=std))
+        self.pipeline = A.Compose(steps)
+        self.resize_only = A.Compose(steps[:1] + steps[-1:]) if self.size is not None else None
+
+    def __call__(self, image: np.ndarray, label: np.ndarray | None = None) -> dict:
+        if label is not None and self.resize_label:
+            out = self.pipeline(image=image, mask=label)
+            image, label = out["image"], out["mask"]
+        else:
+            image = self.pipeline(image=image)["image"]
+        sample = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}
+        if label is not None:
+            sample["label"] = torch.from_numpy(np.ascontiguousarray(label)).long()
+        return sample
+
+    def __repr__(self) -> str:
+        return f"SegmentationTransform(size={self.size}, resize_label={self.resize_label}, pipeline={self.pipeline})"
