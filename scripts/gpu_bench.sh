@@ -11,14 +11,17 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 out="${OUT:-outputs}/gpu_bench"
+device="${RTDA_BENCH_DEVICE:-cuda}"                          # cpu: a dry run of this script anywhere
+sizes="${RTDA_BENCH_SIZES:-512x1024 1024x2048}"
+precisions="${RTDA_BENCH_PRECISIONS:-fp32 fp16 bf16}"
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-for size in 512x1024 1024x2048; do
+[ "$device" = cuda ] && { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; }
+for size in $sizes; do
   h=${size%x*}; w=${size#*x}
-  for prec in fp32 fp16 bf16; do
+  for prec in $precisions; do
     variants='[plain,eager,channels_last]'
     [ "$prec" = bf16 ] && variants='[plain,eager,channels_last,compile]'
-    python3 -m rtda.bench -m model=bisenet_r18,deeplabv2_r101 bench.device=cuda bench.precision=$prec \
+    python3 -m rtda.bench -m model=bisenet_r18,deeplabv2_r101 bench.device=$device bench.precision=$prec \
       bench.height=$h bench.width=$w "bench.variants=$variants" bench.warmup=10 bench.min_runs=30 \
       bench.max_seconds=3 bench.matmul_ceiling=true "hydra.sweep.dir=$out/${size}_$prec" > "$out/${size}_$prec.log" 2>&1 \
       || { tail -30 "$out/${size}_$prec.log"; exit 1; }

@@ -91,3 +91,18 @@ def test_ddp_on_cpu_two_processes(tiny_demo_dir, tmp_path):
     results = json.loads((run_folder(proc.stdout) / "results.json").read_text())
     assert 0.0 <= results["test/mIoU"] <= 1.0
     assert sys.platform  # ran on gloo: nothing GPU-only was needed
+
+
+def test_wandb_without_login_runs_offline_and_never_prompts(tiny_demo_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"HOME": str(tmp_path), "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_SILENT": "true"})  # no ~/.netrc, no key
+    args = ["logger=many", "trainer.max_steps=1", "trainer.val_check_interval=1", "data.batch_size=2",
+            "data.num_workers=0", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", *tiny_overrides(tiny_demo_dir)]
+    proc = subprocess.run(["rtda-train", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "W&B is offline (not logged in)" in proc.stdout
+    folder = run_folder(proc.stdout)
+    runs = list((folder / "wandb").glob("offline-run-*"))
+    assert runs, list(folder.iterdir())
+    assert (folder / "csv" / "metrics.csv").is_file()

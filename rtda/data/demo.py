@@ -34,7 +34,7 @@ from PIL import Image
 
 from rtda.data.labels import ID_PALETTE, NAME_TO_ID
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 _ID = NAME_TO_ID
 CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau")}
 
@@ -268,7 +268,7 @@ def _scene(rng, height: int, width: int, style: DomainStyle) -> tuple[np.ndarray
         sgn = rng.choice([-1, 1])
         px = vx + sgn * d * slope * (1 + walk * rng.uniform(0.3, 0.9))
         objects.append((foot, "pole", px, d))
-    for _ in range(rng.integers(2, 7)):  # pedestrians on the sidewalks
+    for _ in range(rng.integers(3, 9)):  # pedestrians on the sidewalks
         foot = horizon + (height - horizon) * rng.uniform(0.1, 0.95)
         d = foot - horizon
         sgn = rng.choice([-1, 1])
@@ -280,8 +280,8 @@ def _scene(rng, height: int, width: int, style: DomainStyle) -> tuple[np.ndarray
         px = vx + rng.uniform(-0.75, 0.75) * d * slope
         kind = rng.choice(["car", "truck", "bus"], p=[0.8, 0.1, 0.1])
         objects.append((foot, kind, px, d))
-    if rng.random() < 0.6:  # a rider near the kerb
-        foot = horizon + (height - horizon) * rng.uniform(0.2, 0.9)
+    for _ in range(rng.integers(0, 3)):  # riders near the kerb
+        foot = horizon + (height - horizon) * rng.uniform(0.3, 0.95)
         d = foot - horizon
         px = vx + rng.choice([-1, 1]) * d * slope * rng.uniform(0.7, 0.95)
         objects.append((foot, "rider", px, d))
@@ -289,20 +289,20 @@ def _scene(rng, height: int, width: int, style: DomainStyle) -> tuple[np.ndarray
     for foot, kind, px, d in sorted(objects, key=lambda o: o[0]):
         s = d * ppm  # pixels per metre at this depth
         if kind == "pole":
-            pw, ph = max(1.5, 0.3 * s), 5.5 * s
+            pw, ph = max(2.0, 0.4 * s), 5.5 * s  # thicker than real poles: learnable at the demo's size
             c.rect(foot - ph, foot, px - pw / 2, px + pw / 2, "pole", _pick(rng, style, "pole"))
             if rng.random() < 0.55:
-                r = max(2.0, 0.45 * s)
+                r = max(2.5, 0.6 * s)
                 c.ellipse(foot - ph + r, px, r, r, "traffic sign", _pick(rng, style, "traffic sign"))
             else:
-                lw, lh = max(2.0, 0.45 * s), max(4.0, 1.1 * s)
+                lw, lh = max(3.0, 0.6 * s), max(6.0, 1.5 * s)
                 c.rect(foot - ph, foot - ph + lh, px - lw / 2, px + lw / 2, "traffic light", _pick(rng, style, "traffic light"))
                 lamp = rng.integers(3)  # one lit lamp: red, amber or green (same class)
                 lit = c.box(foot - ph + lh * lamp / 3, foot - ph + lh * (lamp + 1) / 3, px - lw / 4, px + lw / 4)
                 if lit is not None:
                     c.rgb[lit] = [(255, 40, 30), (255, 190, 0), (40, 255, 90)][lamp]
         elif kind == "person":
-            bw, bh = max(1.5, 0.55 * s), 1.75 * s
+            bw, bh = max(2.0, 0.65 * s), 1.8 * s
             colour = _pick(rng, style, "person")
             c.ellipse(foot - bh * 0.62, px, bh * 0.3, bw / 2, "person", colour)
             c.rect(foot - bh * 0.38, foot, px - bw * 0.35, px + bw * 0.35, "person", colour * 0.6)
@@ -311,7 +311,7 @@ def _scene(rng, height: int, width: int, style: DomainStyle) -> tuple[np.ndarray
             bw, bh = max(2.0, 0.6 * s), 1.7 * s
             bike = "bicycle" if rng.random() < 0.6 else "motorcycle"
             wheel = 0.35 if bike == "bicycle" else 0.5  # seen from behind: a narrow upright wheel
-            c.ellipse(foot - wheel * s, px, wheel * s, max(1.0, 0.12 * s), bike, _pick(rng, style, bike))
+            c.ellipse(foot - wheel * s, px, wheel * s, max(1.5, 0.2 * s), bike, _pick(rng, style, bike))
             c.rect(foot - 1.0 * s, foot - 0.7 * s, px - 0.35 * s, px + 0.35 * s, bike, _pick(rng, style, bike))
             c.ellipse(foot - bh * 0.8, px, bh * 0.28, bw / 2, "rider", _pick(rng, style, "rider"))
         else:
