@@ -214,10 +214,11 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_rows(rows: list[dict], folder: Path) -> None:
+def write_rows(rows: list[dict], folder: Path, name: str = "bench") -> None:
+    """``name.json`` and ``name.csv`` in ``folder`` (one job: bench; a collection: comparison)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "bench.json").write_text(json.dumps(rows, indent=2))
-    with open(folder / "bench.csv", "w", newline="") as f:
+    (folder / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    with open(folder / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -231,11 +232,10 @@ def machine_line(rows: list[dict]) -> str:
 
 
 def collect(folder: str | Path) -> list[dict]:
-    """Every ``bench.json`` below ``folder`` (a sweep, or a folder of sweeps) as one list of rows."""
+    """Every job's ``bench.json`` below ``folder`` (a sweep, or a folder of sweeps) as one list of rows."""
     rows = []
     for path in sorted(Path(folder).rglob("bench.json")):
-        if path.parent != Path(folder):
-            rows += json.loads(path.read_text())
+        rows += json.loads(path.read_text())
     return rows
 
 
@@ -249,8 +249,8 @@ class ComparisonTable:
         sweep = Path(config.hydra.sweep.dir)
         rows = collect(sweep)
         if rows:
-            write_rows(rows, sweep)
-            print(f"\nrtda-bench comparison ({machine_line(rows)})\n{format_table(rows)}\nwritten to {sweep / 'bench.csv'}")
+            write_rows(rows, sweep, "comparison")
+            print(f"\nrtda-bench comparison ({machine_line(rows)})\n{format_table(rows)}\nwritten to {sweep / 'comparison.csv'}")
 
     def __getattr__(self, name):  # the other Hydra callback hooks: nothing to do
         if name.startswith("on_"):
@@ -274,7 +274,7 @@ def main() -> None:
         rows = collect(sys.argv[2])
         if not rows:
             raise SystemExit(f"rtda-bench: no bench.json below {sys.argv[2]}")
-        write_rows(rows, Path(sys.argv[2]))
+        write_rows(rows, Path(sys.argv[2]), "comparison")
         print(f"{machine_line(rows)}\n{format_table(rows)}")
         return
     _hydra_main()

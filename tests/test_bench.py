@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,3 +81,10 @@ def test_cli_compares_networks_in_one_table(tmp_path):
     table = proc.stdout.split("rtda-bench comparison", 1)[1]
     assert table.count("bisenet_r18") == 2 and table.count("deeplabv2_r101") == 2
     assert "43.9" in table  # DeepLabV2-R101: 43.9 M parameters
+
+
+def test_bench_needs_no_albumentations():
+    # the GPU machines carry no albumentations: the benchmark path must not import it
+    code = "import sys; sys.modules['albumentations'] = None; import rtda.bench, rtda.adaptation.base, rtda.evaluate"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
