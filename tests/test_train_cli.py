@@ -97,7 +97,7 @@ def test_wandb_without_login_runs_offline_and_never_prompts(tiny_demo_dir, tmp_p
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update({"HOME": str(tmp_path), "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_SILENT": "true"})  # no ~/.netrc, no key
     args = ["logger=many", "trainer.max_steps=1", "trainer.val_check_interval=1", "data.batch_size=2",
-            "data.num_workers=0", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", *tiny_overrides(tiny_demo_dir)]
+            "data.num_workers=0", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", *tiny_overrides(tiny_demo_dir)]
     proc = subprocess.run(["rtda-train", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
