@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from PIL import Image
+from test_labels import ROWS
 
 from rtda.data.base import DatasetFormatError
 from rtda.data.cityscapes import Cityscapes
@@ -194,3 +198,46 @@ def test_truncated_file_mid_epoch_is_skipped_in_training_only(tmp_path):
     ds.skip_unreadable = True
     with pytest.warns(UserWarning, match="skipping a sample that failed to decode.*00001.png"):
         assert ds[0]["name"] == "00002"
+
+
+# Property test: for any label-id image (any byte values, any size), every on-disk encoding the readers
+# accept decodes to the benchmark's mapping. The expected ids come from test_labels' copy of the
+# cityscapesscripts table, not from rtda.data.labels.
+
+BENCHMARK_LUT = np.full(256, 255, dtype=np.uint8)
+for _name, _id, _train_id, _color in ROWS:
+    BENCHMARK_LUT[int(_id)] = int(_train_id)
+BENCHMARK_COLOURS = {int(i): tuple(int(c) for c in col.split(",")) for _, i, _, col in ROWS}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 13))), encoding=st.sampled_from(["P", "L", "RGB"]))
+def test_gta5_any_label_image_decodes_as_the_benchmark(tmp_path_factory, ids, encoding):
+    root = tmp_path_factory.mktemp("gta5")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    Image.fromarray(np.zeros((*ids.shape, 3), np.uint8)).save(root / "images" / "00001.png")
+    if encoding == "RGB":
+        # only ids with an unambiguous colour can be colour-coded; others become "unlabeled" black
+        ids = np.where(np.isin(ids, [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]), ids, 0)
+        rgb = np.zeros((*ids.shape, 3), np.uint8)
+        for i, colour in BENCHMARK_COLOURS.items():
+            rgb[ids == i] = colour
+        Image.fromarray(rgb).save(root / "labels" / "00001.png")
+    else:
+        img = Image.fromarray(ids, mode=encoding)
+        if encoding == "P":
+            img.putpalette(ID_PALETTE.flatten().tolist())
+        img.save(root / "labels" / "00001.png")
+    np.testing.assert_array_equal(GTA5(root)[0]["label"], BENCHMARK_LUT[ids])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 13))))
+def test_cityscapes_any_label_ids_decode_as_the_benchmark(tmp_path_factory, ids):
+    root = tmp_path_factory.mktemp("cityscapes")
+    (root / "leftImg8bit" / "val" / "ulm").mkdir(parents=True)
+    (root / "gtFine" / "val" / "ulm").mkdir(parents=True)
+    Image.fromarray(np.zeros((*ids.shape, 3), np.uint8)).save(root / "leftImg8bit" / "val" / "ulm" / "ulm_000000_000019_leftImg8bit.png")
+    Image.fromarray(ids).save(root / "gtFine" / "val" / "ulm" / "ulm_000000_000019_gtFine_labelIds.png")
+    np.testing.assert_array_equal(Cityscapes(root, "val")[0]["label"], BENCHMARK_LUT[ids])
