@@ -100,7 +100,7 @@ def evaluate(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
 
     from rtda.adaptation.base import SegmentationModule
-    from rtda.viz import overlay, plot_confusion_matrix, save_rgb
+    from rtda.viz import colorize, overlay, plot_confusion_matrix, save_rgb
 
     paths = list(cfg.ckpt_path) if not isinstance(cfg.ckpt_path, str) else [cfg.ckpt_path]
     ckpts = [load_checkpoint(p) for p in paths]
@@ -138,8 +138,6 @@ def evaluate(cfg: DictConfig) -> dict:
             sample, raw = dataset[i], dataset.load(i)
             size = raw["image"].shape[:2]
             pred = module.predict_logits(sample["image"][None], size).argmax(dim=1)[0].numpy()
-            from rtda.viz import colorize
-
             save_rgb(colorize(pred), folder / f"{sample['name']}_pred.png")
             save_rgb(overlay(raw["image"], pred), folder / f"{sample['name']}_overlay.png")
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -57,8 +57,6 @@ def train(cfg: DictConfig) -> dict:
     """Run one experiment; returns the results written to ``results.json``."""
     import pytorch_lightning as pl
 
-    from rtda.config import instantiate_dict
-
     output_dir = Path(cfg.paths.output_dir)
     warnings_seen = [w for w in [random_init_warning(cfg)] if w]
     for warning in warnings_seen:
@@ -74,8 +72,8 @@ def train(cfg: DictConfig) -> dict:
     # it (so rtda-eval can recompose the run's data with today's paths)
     module.run_config = {"config": resolved, "overrides": rtda_config.overrides(), "choices": rtda_config.choices()}
 
-    loggers = list(instantiate_dict(cfg.get("logger")).values())
-    callbacks = list(instantiate_dict(cfg.get("callbacks")).values())
+    loggers = list(rtda_config.instantiate_dict(cfg.get("logger")).values())
+    callbacks = list(rtda_config.instantiate_dict(cfg.get("callbacks")).values())
     if not loggers:  # LearningRateMonitor refuses to run without a logger; nothing to monitor into
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
