@@ -28,6 +28,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from rtda import config as rtda_config
@@ -239,11 +240,8 @@ def collect(folder: str | Path) -> list[dict]:
     return rows
 
 
-class ComparisonTable:
+class ComparisonTable(Callback):
     """Hydra callback: after ``rtda-bench -m ...`` print one table of every job's rows."""
-
-    def __init__(self, **kwargs):
-        pass
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
@@ -251,11 +249,6 @@ class ComparisonTable:
         if rows:
             write_rows(rows, sweep, "comparison")
             print(f"\nrtda-bench comparison ({machine_line(rows)})\n{format_table(rows)}\nwritten to {sweep / 'comparison.csv'}")
-
-    def __getattr__(self, name):  # the other Hydra callback hooks: nothing to do
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
 
 
 @hydra.main(version_base="1.3", config_path=str(rtda_config.CONFIG_DIR), config_name="bench")

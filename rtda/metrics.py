@@ -37,10 +37,11 @@ class SegmentationMetrics(Metric):
         target = target.reshape(-1).long()
         preds = preds.reshape(-1).long()
         valid = target != self.ignore_index
-        if bool(((target[valid] < 0) | (target[valid] >= self.num_classes)).any()):
-            raise ValueError(f"target holds values outside 0..{self.num_classes - 1} and {self.ignore_index}")
         index = target[valid] * self.num_classes + preds[valid]
-        self.confmat += torch.bincount(index, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
+        counts = torch.bincount(index, minlength=self.num_classes**2)  # its length also flags bad targets
+        if counts.numel() != self.num_classes**2:
+            raise ValueError(f"target holds values outside 0..{self.num_classes - 1} and {self.ignore_index}")
+        self.confmat += counts.reshape(self.num_classes, self.num_classes)
 
     def compute(self) -> dict:
         cm = self.confmat.double()

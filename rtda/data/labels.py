@@ -118,7 +118,3 @@ def colors_to_label_ids(rgb: np.ndarray, unknown: int = 0) -> np.ndarray:
     ids[_COLOR_KEYS[pos] != keys] = unknown
     return ids
 
-
-def colorize(train_ids: np.ndarray) -> np.ndarray:
-    """HxW train ids -> HxWx3 uint8 RGB in the Cityscapes colours (ignore = black)."""
-    return TRAIN_ID_PALETTE[np.asarray(train_ids, dtype=np.uint8)]

@@ -44,7 +44,6 @@ class SegmentationTransform:
         steps += list(augment or ())
         steps.append(A.Normalize(mean=mean, std=std))
         self.pipeline = A.Compose(steps)
-        self.resize_only = A.Compose(steps[:1] + steps[-1:]) if self.size is not None else None
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None = None) -> dict:
         if label is not None and self.resize_label:
