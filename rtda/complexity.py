@@ -46,20 +46,7 @@ def measure_latency(fn: Callable[[], object], device: torch.device, warmup: int 
                     max_runs: int = 100, max_seconds: float = 20.0) -> dict:
     """Time ``fn`` after ``warmup`` calls: at least ``min_runs`` runs, then more until ``max_runs`` or
     ``max_seconds``. Returns median / p90 / mean / min latency in ms and the FPS of the median."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < max_seconds):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1000.0)
-    arr = np.array(times)
-    median = float(np.median(arr))
-    return {"median_ms": median, "p90_ms": float(np.percentile(arr, 90)), "mean_ms": float(arr.mean()),
-            "min_ms": float(arr.min()), "runs": len(times), "fps": 1000.0 / median}
+    return measure_interleaved({"fn": fn}, device, warmup, min_runs, max_runs, max_seconds, rounds=1)["fn"]
 
 
 def torch_matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 2.0) -> float:

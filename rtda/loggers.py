@@ -6,6 +6,8 @@ import netrc
 import os
 from pathlib import Path
 
+from rtda.config import choices
+
 
 def wandb_logged_in() -> bool:
     """True when W&B credentials exist (API key in the environment or ~/.netrc); never prompts."""
@@ -21,24 +23,13 @@ def wandb_logged_in() -> bool:
 
 def default_group() -> str | None:
     """``data-model-adaptation`` from Hydra's config choices, so runs of one setting group together."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        choices = HydraConfig.get().runtime.choices
-    except (ImportError, ValueError):
-        return None
-    return "-".join(str(choices.get(k)) for k in ("data", "model", "adaptation") if choices.get(k))
+    picked = choices()
+    return "-".join(str(picked[k]) for k in ("data", "model", "adaptation") if picked.get(k)) or None
 
 
 def choice_tags() -> list[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        choices = HydraConfig.get().runtime.choices
-    except (ImportError, ValueError):
-        return []
-    keys = ("data", "model", "augmentation", "adaptation", "optimizer", "experiment")
-    return [f"{k}={choices[k]}" for k in keys if choices.get(k)]
+    picked = choices()
+    return [f"{k}={picked[k]}" for k in ("data", "model", "augmentation", "adaptation", "optimizer", "experiment") if picked.get(k)]
 
 
 def wandb_logger(
