@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtda.data.labels import CLASS_NAMES, IGNORE_INDEX
+from rtda.errors import TrainingDiverged
 from rtda.metrics import SegmentationMetrics
 from rtda.viz import prediction_panel
 
@@ -141,6 +142,37 @@ class SegmentationModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=source["image"].shape[0])
         return loss
 
+    @property
+    def iteration(self) -> int:
+        """Training iterations started so far (this one included), whatever number of optimizers step."""
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.ready)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Stop at the first non-finite loss. ``training_step`` returns its loss, or a dict of named losses
+        (every method does): one flag is reduced across processes so that all ranks stop together."""
+        if isinstance(outputs, torch.Tensor):
+            outputs = {"loss": outputs}
+        losses = {k: v for k, v in (outputs or {}).items() if isinstance(v, torch.Tensor)}
+        finite = all(bool(torch.isfinite(v.detach()).all()) for v in losses.values())
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            bad = {k: float(v.detach().float().mean()) for k, v in losses.items() if not torch.isfinite(v.detach()).all()}
+            where = ", ".join(f"{k} = {v}" for k, v in bad.items()) or "a loss on another process is not finite"
+            raise TrainingDiverged(f"training diverged at iteration {self.iteration}: {where}. The run stopped; "
+                                   "no checkpoint of the diverged weights was kept (try a lower optimizer.lr)")
+
+    def check_weights_finite(self, when: str) -> None:
+        """A NaN/inf weight or BatchNorm statistic (an infinite gradient on a finite loss) stops the run
+        before the diverged network is scored or saved."""
+        bad = [name for name, t in self.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise TrainingDiverged(f"training diverged by iteration {self.iteration}: {len(bad)} weights are not "
+                                   f"finite (e.g. {bad[0]}) {when}. The run stopped; no checkpoint of them was kept "
+                                   "(try a lower optimizer.lr)")
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self.check_weights_finite("before validation")
+
     # -- evaluation on the target ---------------------------------------------------------------
     def _eval_step(self, batch: dict, batch_idx: int, metrics: SegmentationMetrics, stage: str) -> None:
         label = batch["label"]
@@ -224,5 +256,6 @@ class SegmentationModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_weights_finite("when saving a checkpoint")
         if self.run_config is not None:
             checkpoint["rtda"] = self.run_config

@@ -1,0 +1,104 @@
+"""User errors and how every entry point reports them: one line, ``rtda: error: …``, and a non-zero exit.
+
+A researcher runs hundreds of unattended jobs; a job that fails must say why in one line that names the
+key, file or value and what was expected, and must be marked failed. The full traceback is shown only
+with ``HYDRA_FULL_ERROR=1``. Errors that are not the user's (bugs) keep their traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+#: set by :func:`run_cli` for its own process and the processes it starts (DDP ranks), so that all of
+#: them know whether the *user* asked for full tracebacks
+_FULL_ERROR_ENV = "RTDA_FULL_ERROR"
+
+
+class RtdaError(Exception):
+    """An error in what the user gave rtda (config, files, paths): reported as one line."""
+
+
+class ConfigValueError(RtdaError):
+    """A config value of the wrong type or range."""
+
+
+class CheckpointError(RtdaError):
+    """A file that is not an rtda checkpoint, or one that does not fit the network or data asked for."""
+
+
+class OutputNotWritable(RtdaError):
+    """A folder the run must write into cannot be written."""
+
+
+class TrainingDiverged(RtdaError):
+    """A loss or a weight became NaN or infinite: the run stops at once, marked failed."""
+
+
+class DecodeError(OSError):
+    """An image or label file that cannot be decoded (truncated, corrupt, not an image)."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "your input is wrong": configuration, files, paths, weights, divergence."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rtda.data.base import DatasetFormatError
+    from rtda.models.pretrained import PretrainedWeightsError
+
+    return (RtdaError, FileNotFoundError, DatasetFormatError, PretrainedWeightsError, ConfigCompositionException,
+            MissingConfigException, OverrideParseException, OmegaConfBaseException, DecodeError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line: Hydra's option lists and DataLoader worker tracebacks folded."""
+    text = str(err).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the worker's own message
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    if "Available options" in text:  # Hydra: "Could not find 'model/x'\n\nAvailable options in 'model':\n\ta\n\tb"
+        head = lines[0].replace("In 'train': ", "")
+        options = [ln for ln in lines[lines.index(next(ln for ln in lines if ln.startswith("Available options"))) + 1:]]
+        return f"{head}; available options: {', '.join(options)}"
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return " ".join(lines)
+    return "; ".join(lines)
+
+
+def full_error_requested() -> bool:
+    return os.environ.get(_FULL_ERROR_ENV, os.environ.get("HYDRA_FULL_ERROR", "0")) == "1"
+
+
+def _rank_prefix() -> str:
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
+    return "" if rank == "0" else f" (rank {rank})"
+
+
+def report(err: BaseException) -> None:
+    print(f"rtda: error{_rank_prefix()}: {one_line(err)}", file=sys.stderr, flush=True)
+
+
+def run_cli(hydra_main: Callable[[], object]) -> None:
+    """Run a ``@hydra.main`` function; a user error anywhere (composition included) exits 1 with one line.
+
+    Hydra prints its own multi-line report unless ``HYDRA_FULL_ERROR=1``; rtda sets it so that every error
+    reaches this function, and keeps the user's own choice in ``RTDA_FULL_ERROR``.
+    """
+    full = full_error_requested()
+    os.environ[_FULL_ERROR_ENV] = "1" if full else "0"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except user_error_types() as err:
+        if full:
+            raise
+        report(err)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("rtda: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
