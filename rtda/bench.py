@@ -39,6 +39,8 @@ from rtda.complexity import (
     onnxruntime_matmul_gflops,
     torch_matmul_gflops,
 )
+from rtda.errors import ConfigValueError, exit_on_user_error, run_cli
+from rtda.io import check_writable
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 COLUMNS = ["model", "variant", "device", "precision", "input", "params_M", "GFLOPs", "GMACs", "median_ms", "p90_ms",
@@ -50,7 +52,7 @@ def _autocast(device: torch.device, precision: str):
     if dtype is None:
         return contextlib.nullcontext()
     if device.type == "cpu" and dtype is torch.float16:
-        raise ValueError("bench.precision=fp16 needs bench.device=cuda (use bf16 on the CPU)")
+        raise ConfigValueError("bench.precision=fp16 needs bench.device=cuda (use bf16 on the CPU)")
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -111,7 +113,7 @@ def _variant(variant, net, module, model_cfg, example, device, precision, thread
     if variant == "onnxruntime":
         fn, note, *_ = _onnx_runner(net, example, device, threads)
         return fn, note + (", fp32 graph" if precision != "fp32" else "")
-    raise ValueError(f"bench.variants: unknown variant {variant!r} (plain, eager, channels_last, compile, onnxruntime)")
+    raise ConfigValueError(f"bench.variants: unknown variant {variant!r} (plain, eager, channels_last, compile, onnxruntime)")
 
 
 def benchmark(cfg: DictConfig) -> list[dict]:
@@ -120,9 +122,9 @@ def benchmark(cfg: DictConfig) -> list[dict]:
     b = cfg.bench
     device = torch.device(b.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("bench.device=cuda but no CUDA device is visible")
+        raise ConfigValueError("bench.device=cuda but no CUDA device is visible")
     if b.precision not in PRECISIONS:
-        raise ValueError(f"bench.precision={b.precision!r}: expected one of {sorted(PRECISIONS)}")
+        raise ConfigValueError(f"bench.precision={b.precision!r}: expected one of {sorted(PRECISIONS)}")
     if b.threads:
         torch.set_num_threads(int(b.threads))
     threads = torch.get_num_threads()
@@ -252,8 +254,11 @@ class ComparisonTable(Callback):
 
 
 @hydra.main(version_base="1.3", config_path=str(rtda_config.CONFIG_DIR), config_name="bench")
-@rtda_config.report_user_errors
+@exit_on_user_error
+@rtda_config.closes_wandb
 def _hydra_main(cfg: DictConfig) -> float:
+    rtda_config.check_values(cfg)
+    check_writable(cfg.paths.output_dir, "the benchmark's results")
     rows = benchmark(cfg)
     folder = Path(cfg.paths.output_dir)
     write_rows(rows, folder)
@@ -266,11 +271,11 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--collect":  # one table of the bench.json files below a folder
         rows = collect(sys.argv[2])
         if not rows:
-            raise SystemExit(f"rtda-bench: no bench.json below {sys.argv[2]}")
+            raise SystemExit(f"rtda: error: no bench.json below {sys.argv[2]}")
         write_rows(rows, Path(sys.argv[2]), "comparison")
         print(f"{machine_line(rows)}\n{format_table(rows)}")
         return
-    _hydra_main()
+    run_cli(_hydra_main)
 
 
 if __name__ == "__main__":

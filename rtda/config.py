@@ -8,18 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 #: the ``conf/`` tree at the repository root (rtda is installed editable: ``pip install -e .``)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "your input is wrong" (a missing dataset or checkpoint, unusable weights):
-    shown as one clear message instead of a traceback."""
-    from rtda.models.pretrained import PretrainedWeightsError
-
-    return (FileNotFoundError, PretrainedWeightsError)
-
 
 def instantiate_dict(cfg: DictConfig | None) -> dict:
     """Instantiate every ``_target_`` node of a mapping (callbacks, loggers); null entries are skipped."""
@@ -55,19 +47,77 @@ def describe(cfg: DictConfig) -> str:
     return " ".join(parts) or str(cfg.get("task_name", "run"))
 
 
-def report_user_errors(task: Callable) -> Callable:
-    """Wrap a Hydra task: a user error exits with status 1 and its message; W&B is always closed."""
+def closes_wandb(task: Callable) -> Callable:
+    """Wrap a Hydra task so that W&B is always closed, marked failed when the task raised (each job of a
+    sweep gets its own W&B run)."""
 
     @functools.wraps(task)
     def wrapped(*args, **kwargs):
+        failed = True
         try:
-            return task(*args, **kwargs)
-        except user_errors() as err:
-            print(f"rtda: error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
+            result = task(*args, **kwargs)
+            failed = False
+            return result
         finally:
             wandb = sys.modules.get("wandb")
             if wandb is not None and getattr(wandb, "run", None) is not None:
-                wandb.finish()
+                wandb.finish(exit_code=1 if failed else 0)
 
     return wrapped
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _size(v) -> bool:
+    return v is None or (isinstance(v, (list, tuple, ListConfig)) and len(v) == 2 and all(_int(x) and x > 0 for x in v))
+
+
+#: config values checked before anything is built: key -> (what is expected, test). A wrong value fails
+#: here with the key's name, not deep inside Lightning or a DataLoader after minutes of work.
+CHECKED_VALUES: dict[str, tuple[str, Callable]] = {
+    "seed": ("an integer or null", lambda v: v is None or _int(v)),
+    "trainer.max_steps": ("a positive number of training iterations, or -1 (use max_epochs)",
+                          lambda v: _int(v) and (v > 0 or v == -1)),
+    "trainer.max_epochs": ("an integer (-1: no limit) or null", lambda v: v is None or _int(v)),
+    "trainer.val_check_interval": ("a positive number of iterations, or a fraction of an epoch in (0, 1]",
+                                   lambda v: v is None or (_int(v) and v > 0) or (_number(v) and 0 < v <= 1)),
+    "trainer.log_every_n_steps": ("a positive integer", lambda v: _int(v) and v > 0),
+    "trainer.devices": ("a positive integer, a list of device indices or 'auto'",
+                        lambda v: (_int(v) and v > 0) or v == "auto" or isinstance(v, (list, ListConfig))),
+    "data.batch_size": ("a positive integer", lambda v: _int(v) and v > 0),
+    "data.eval_batch_size": ("a positive integer or null", lambda v: v is None or (_int(v) and v > 0)),
+    "data.num_workers": ("an integer >= 0", lambda v: _int(v) and v >= 0),
+    "data.source_size": ("[height, width] in pixels, or null", _size),
+    "data.target_size": ("[height, width] in pixels, or null", _size),
+    "data.eval_size": ("[height, width] in pixels, or null", _size),
+    "optimizer.lr": ("a positive number", lambda v: _number(v) and v > 0),
+    "optimizer.weight_decay": ("a number >= 0", lambda v: _number(v) and v >= 0),
+    "optimizer.momentum": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
+    "adaptation.poly_power": ("a number >= 0", lambda v: _number(v) and v >= 0),
+    "test_ckpt": ("'last' or 'best'", lambda v: v in ("last", "best")),
+    "bench.height": ("a positive integer", lambda v: _int(v) and v > 0),
+    "bench.width": ("a positive integer", lambda v: _int(v) and v > 0),
+    "bench.batch_size": ("a positive integer", lambda v: _int(v) and v > 0),
+}
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Raise :class:`rtda.errors.ConfigValueError` naming the first key in :data:`CHECKED_VALUES` whose value
+    is of the wrong type or range (keys absent from this config are skipped)."""
+    from rtda.errors import ConfigValueError
+
+    missing = object()
+    for key, (expected, ok) in CHECKED_VALUES.items():
+        value = OmegaConf.select(cfg, key, default=missing, throw_on_missing=False)
+        if value is missing:
+            continue
+        if isinstance(value, ListConfig):
+            value = list(value)
+        if not ok(value):
+            raise ConfigValueError(f"{key}={value!r}: expected {expected}")

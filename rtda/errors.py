@@ -7,6 +7,8 @@ with ``HYDRA_FULL_ERROR=1``. Errors that are not the user's (bugs) keep their tr
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -39,21 +41,35 @@ class TrainingDiverged(RtdaError):
 class DecodeError(OSError):
     """An image or label file that cannot be decoded (truncated, corrupt, not an image)."""
 
+    def __init__(self, message: str, path: object = None):
+        super().__init__(message)
+        self.path = path
+
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "your input is wrong": configuration, files, paths, weights, divergence."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from hydra.errors import (
+        ConfigCompositionException,
+        InstantiationException,
+        MissingConfigException,
+        OverrideParseException,
+    )
     from omegaconf.errors import OmegaConfBaseException
 
     from rtda.data.base import DatasetFormatError
     from rtda.models.pretrained import PretrainedWeightsError
 
+    # InstantiationException: a config node that cannot be built (an unknown argument, a value the class refuses)
     return (RtdaError, FileNotFoundError, DatasetFormatError, PretrainedWeightsError, ConfigCompositionException,
-            MissingConfigException, OverrideParseException, OmegaConfBaseException, DecodeError)
+            MissingConfigException, OverrideParseException, OmegaConfBaseException, DecodeError, InstantiationException)
 
 
 def one_line(err: BaseException) -> str:
-    """The error's message on one line: Hydra's option lists and DataLoader worker tracebacks folded."""
+    """The error's message on one line: Hydra's option lists and DataLoader worker tracebacks folded; a
+    user error raised while Hydra instantiated a config node is shown as itself."""
+    cause = err.__cause__
+    if cause is not None and type(err).__name__ == "InstantiationException" and isinstance(cause, user_error_types()):
+        return one_line(cause)
     text = str(err).strip()
     if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the worker's own message
         text = text.strip().splitlines()[-1].split(": ", 1)[-1]
@@ -62,11 +78,24 @@ def one_line(err: BaseException) -> str:
         return type(err).__name__
     if "Available options" in text:  # Hydra: "Could not find 'model/x'\n\nAvailable options in 'model':\n\ta\n\tb"
         head = lines[0].replace("In 'train': ", "")
-        options = [ln for ln in lines[lines.index(next(ln for ln in lines if ln.startswith("Available options"))) + 1:]]
+        first = lines.index(next(ln for ln in lines if ln.startswith("Available options"))) + 1
+        options = []
+        for ln in lines[first:]:
+            if ln.startswith("Config search path"):
+                break
+            options.append(ln)
         return f"{head}; available options: {', '.join(options)}"
     if len(lines) > 1 and lines[0].endswith(":"):
         return " ".join(lines)
     return "; ".join(lines)
+
+
+def log_to_files(message: str) -> None:
+    """Append an error to the run's log files (``train.log``) without printing it twice on the console."""
+    record = logging.LogRecord("rtda", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def full_error_requested() -> bool:
@@ -79,7 +108,37 @@ def _rank_prefix() -> str:
 
 
 def report(err: BaseException) -> None:
+    if _rank_prefix() and isinstance(err, TrainingDiverged):
+        return  # every rank stops together (the flag is reduced): rank 0 reports it
     print(f"rtda: error{_rank_prefix()}: {one_line(err)}", file=sys.stderr, flush=True)
+
+
+def exit_on_user_error(task: Callable) -> Callable:
+    """Wrap a Hydra task. In a single run a user error is reported here, in one line, and exits 1 (Hydra
+    would add its own lines); in a sweep it is raised, so that Hydra marks the job failed and runs the
+    others, and :func:`run_cli` reports it when the sweep ends."""
+
+    @functools.wraps(task)
+    def wrapped(*args, **kwargs):
+        try:
+            return task(*args, **kwargs)
+        except user_error_types() as err:
+            if full_error_requested() or _in_multirun():
+                raise
+            report(err)
+            raise SystemExit(1) from None
+
+    return wrapped
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
 
 
 def run_cli(hydra_main: Callable[[], object]) -> None:

@@ -22,32 +22,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from rtda import config as rtda_config
+from rtda.checkpoints import build_net, describe_net, load_checkpoint
+from rtda.errors import CheckpointError, ConfigValueError, exit_on_user_error, run_cli
+from rtda.io import atomic_write_text, check_writable
 from rtda.results import format_summary, test_summary
 
 #: saved overrides that describe training only, never replayed at evaluation
 _TRAINING_ONLY = ("hydra.", "ckpt_path", "debug", "logger", "callbacks", "trainer", "train", "test", "test_ckpt", "seed",
                   "optimizer", "adaptation", "task_name", "tags")
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by rtda-train, loaded without unpickling code (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path: no such checkpoint file: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "rtda" not in ckpt:
-        raise FileNotFoundError(f"{path} has no rtda run record (ckpt['rtda']): was it written by rtda-train?")
-    return ckpt
-
-
-def build_net(ckpt: dict) -> nn.Module:
-    """The checkpoint's network, as its run configured it, with its trained weights."""
-    model_cfg = dict(ckpt["rtda"]["config"]["model"])
-    model_cfg["pretrained"] = False  # the checkpoint holds the weights; fetch nothing
-    net = hydra.utils.instantiate(model_cfg)
-    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state)
-    return net.eval()
 
 
 class SoftmaxEnsemble(nn.Module):
@@ -88,8 +70,8 @@ def replay_overrides(argv: list[str]) -> list[str]:
         return argv
     first = ckpt_arg.split("=", 1)[1].strip("[]").split(",")[0].strip().strip("'\"")
     try:
-        saved = torch.load(first, map_location="cpu", weights_only=True).get("rtda", {}).get("overrides", [])
-    except (OSError, RuntimeError):  # reported properly once Hydra has composed the config
+        saved = load_checkpoint(first)["rtda"].get("overrides", [])
+    except (OSError, CheckpointError):  # reported properly once Hydra has composed the config
         return argv
     mine = {_key(a) for a in argv}
     keep = [o for o in saved if _key(o) not in mine and not _key(o).startswith(_TRAINING_ONLY)]
@@ -102,17 +84,26 @@ def evaluate(cfg: DictConfig) -> dict:
     from rtda.adaptation.base import SegmentationModule
     from rtda.viz import colorize, overlay, plot_confusion_matrix, save_rgb
 
+    rtda_config.check_values(cfg)
+    if cfg.split not in ("val", "test"):
+        raise ConfigValueError(f"split={cfg.split!r}: expected val or test")
+    output_dir = check_writable(cfg.paths.output_dir, "the evaluation's results")
+    if not cfg.get("ckpt_path"):
+        raise ConfigValueError("ckpt_path is required: rtda-eval ckpt_path=<run>/checkpoints/last.ckpt "
+                               "(or a list [a.ckpt,b.ckpt] for an ensemble)")
     paths = list(cfg.ckpt_path) if not isinstance(cfg.ckpt_path, str) else [cfg.ckpt_path]
     ckpts = [load_checkpoint(p) for p in paths]
-    nets = [build_net(c) for c in ckpts]
+    for path, ckpt in zip(paths, ckpts):
+        model_cfg = ckpt["rtda"]["config"]["model"]
+        if model_cfg.get("num_classes", cfg.data.num_classes) != cfg.data.num_classes:
+            raise CheckpointError(f"{path} holds {describe_net(model_cfg)}, but data={rtda_config.choices().get('data')} "
+                                  f"has data.num_classes={cfg.data.num_classes}")
+    nets = [build_net(c, p) for c, p in zip(ckpts, paths)]
     net = nets[0] if len(nets) == 1 else SoftmaxEnsemble(nets)
-    if cfg.split not in ("val", "test"):
-        raise ValueError(f"split={cfg.split!r}: expected val or test")
     data_kwargs = {"test": cfg.data.val} if cfg.split == "val" else {}
     datamodule = hydra.utils.instantiate(cfg.data, **data_kwargs)
     channels_last = ckpts[0]["rtda"]["config"].get("adaptation", {}).get("channels_last", True)  # as the run scored
     module = SegmentationModule(net=net, num_classes=cfg.data.num_classes, num_log_images=0, channels_last=channels_last)
-    output_dir = Path(cfg.paths.output_dir)
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, logger=False,
                          enable_checkpointing=False, default_root_dir=output_dir, enable_model_summary=False)
     trainer.test(module, datamodule=datamodule)
@@ -126,7 +117,6 @@ def evaluate(cfg: DictConfig) -> dict:
         "test/confmat": module.test_results["confmat"],
     }
     results["test/mIoU"] = results["test"]["mIoU"]
-    output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.plot_confusion_matrix:
         plot_confusion_matrix(torch.tensor(results["test/confmat"]), module.class_names, output_dir / "confusion_matrix.png")
     n = int(cfg.save_predictions or 0)
@@ -140,20 +130,21 @@ def evaluate(cfg: DictConfig) -> dict:
             pred = module.predict_logits(sample["image"][None], size).argmax(dim=1)[0].numpy()
             save_rgb(colorize(pred), folder / f"{sample['name']}_pred.png")
             save_rgb(overlay(raw["image"], pred), folder / f"{sample['name']}_overlay.png")
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
     print(format_summary(results))
     return results
 
 
 @hydra.main(version_base="1.3", config_path=str(rtda_config.CONFIG_DIR), config_name="eval")
-@rtda_config.report_user_errors
+@exit_on_user_error
+@rtda_config.closes_wandb
 def _hydra_main(cfg: DictConfig) -> float:
     return evaluate(cfg)["test/mIoU"]
 
 
 def main() -> None:
     sys.argv = sys.argv[:1] + replay_overrides(sys.argv[1:])
-    _hydra_main()
+    run_cli(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,13 @@ def format_summary(results: dict) -> str:
         lines.append(f"best val mIoU: {100 * results['best_val_mIoU']:.2f}")
     lines.append(f"run folder: {results['run_dir']}")
     lines.append(f"checkpoint: {results.get('checkpoint') or 'none saved'}")
+    failures = results.get("decode_failures") or {}
+    if failures:
+        lines.append(f"WARNING: {len(failures)} training files failed to decode and were replaced by the next sample "
+                     "(listed in results.json):")
+        lines += [f"  {path}  ({n}x)" for path, n in sorted(failures.items())[:10]]
+        if len(failures) > 10:
+            lines.append(f"  ... and {len(failures) - 10} more")
     for warning in results.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     lines.append("=" * 60)

@@ -18,6 +18,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rtda import config as rtda_config
+from rtda.checkpoints import check_checkpoint_fits
+from rtda.ddp import (
+    launches_processes,
+    run_job_as_own_command,
+    shares_the_sweep_process,
+    use_rtda_ddp_children,
+)
+from rtda.errors import RtdaError, exit_on_user_error, log_to_files, one_line, run_cli
+from rtda.io import atomic_write_text, check_writable
 from rtda.results import format_summary, test_summary
 
 log = logging.getLogger("rtda")
@@ -53,11 +62,78 @@ def random_init_warning(cfg: DictConfig) -> str | None:
     return None
 
 
+def destinations(cfg: DictConfig) -> dict[str, Path]:
+    """Every folder the run writes into, with what goes there (checked before the first iteration)."""
+    out = {"the run's results and logs": Path(cfg.paths.output_dir)}
+    ckpt = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    if ckpt:
+        out["checkpoints"] = Path(ckpt)
+    for name, logger in (cfg.get("logger") or {}).items():
+        if isinstance(logger, DictConfig) and logger.get("save_dir"):
+            out[f"the {name} logger's files"] = Path(logger.save_dir)
+    return out
+
+
+def is_rank_zero() -> bool:
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def write_results(output_dir: Path, results: dict) -> None:
+    if is_rank_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
+
+
 def train(cfg: DictConfig) -> dict:
-    """Run one experiment; returns the results written to ``results.json``."""
+    """Run one experiment; returns the results written to ``results.json``.
+
+    A failure (a user error, divergence, an interruption, a bug) still writes ``results.json`` with
+    ``"status": "failed"`` and the error, flushes the loggers and keeps every checkpoint written so far,
+    then re-raises: the job exits non-zero, and a sweep records it and goes on with its other jobs.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    record = {
+        "status": "running",
+        "experiment": rtda_config.describe(cfg),
+        "choices": rtda_config.choices(),
+        "overrides": rtda_config.overrides(),
+        "run_dir": str(output_dir.resolve()),
+        "git_revision": _git_revision(),
+    }
+    state: dict = {}
+    try:
+        results = _train(cfg, record, state)
+    except BaseException as err:
+        module, ckpt_cb = state.get("module"), state.get("checkpoint_callback")
+        last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and ckpt_cb.dirpath else None
+        failed = {
+            **record,
+            "status": "failed",
+            "error": one_line(err) if not isinstance(err, KeyboardInterrupt) else "interrupted",
+            "error_type": type(err).__name__,
+            "last_checkpoint": str(last.resolve()) if last is not None and last.is_file() else None,
+            "decode_failures": getattr(module, "decode_failures", {}),
+        }
+        log_to_files(f"run failed: {failed['error']}")
+        try:
+            write_results(output_dir, failed)
+        except OSError:
+            pass  # the destination itself is the problem: the error says so
+        raise
+    write_results(output_dir, results)
+    if is_rank_zero():
+        print(format_summary(results))
+    return results
+
+
+def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
     import pytorch_lightning as pl
 
-    output_dir = Path(cfg.paths.output_dir)
+    rtda_config.check_values(cfg)
+    for what, folder in destinations(cfg).items():
+        check_writable(folder, what)
     warnings_seen = [w for w in [random_init_warning(cfg)] if w]
     for warning in warnings_seen:
         log.warning(warning)
@@ -67,31 +143,36 @@ def train(cfg: DictConfig) -> dict:
     datamodule = hydra.utils.instantiate(cfg.data, augmentation=cfg.get("augmentation"))
     net = hydra.utils.instantiate(cfg.model)
     module = hydra.utils.instantiate(cfg.adaptation, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer))
+    state["module"] = module
     resolved = OmegaConf.to_container(cfg, resolve=True)
     # saved in every checkpoint: the resolved config (what the weights need) and the command line that made
     # it (so rtda-eval can recompose the run's data with today's paths)
-    module.run_config = {"config": resolved, "overrides": rtda_config.overrides(), "choices": rtda_config.choices()}
+    module.run_config = {"config": resolved, "overrides": record["overrides"], "choices": record["choices"]}
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
+    if ckpt_path is not None:
+        check_checkpoint_fits(ckpt_path, module)
 
     loggers = list(rtda_config.instantiate_dict(cfg.get("logger")).values())
     callbacks = list(rtda_config.instantiate_dict(cfg.get("callbacks")).values())
     if not loggers:  # LearningRateMonitor refuses to run without a logger; nothing to monitor into
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
+    use_rtda_ddp_children()
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    revision = _git_revision()
     for logger in loggers:
-        logger.log_hyperparams({**resolved, "git_revision": revision})
+        logger.log_hyperparams({**resolved, "git_revision": record["git_revision"]})
 
-    ckpt_cb = trainer.checkpoint_callback
+    ckpt_cb = state["checkpoint_callback"] = trainer.checkpoint_callback
     tested = None
+    status = "failed"
     try:
         if cfg.get("train", True):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             if ckpt_cb is not None and ckpt_cb.dirpath:
                 # last.ckpt = the final weights, even when training stopped between two validations
                 tested = str(Path(ckpt_cb.dirpath) / "last.ckpt")
                 trainer.save_checkpoint(tested)
-        elif cfg.get("ckpt_path"):
-            tested = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+        elif ckpt_path:
+            tested = ckpt_path
         best = getattr(ckpt_cb, "best_model_path", "") or None
         if cfg.get("test", True):
             test_ckpt = None  # the weights in memory: the final ones, or those loaded below
@@ -100,39 +181,49 @@ def train(cfg: DictConfig) -> dict:
             elif not cfg.get("train", True) and tested:
                 test_ckpt = tested
             trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=False)
+        status = "success"
     finally:
-        for logger in loggers:
-            logger.finalize("success")
+        for logger in loggers:  # flushes what is buffered (CSV rows), also when the run failed
+            logger.finalize(status)
 
     best_score = getattr(ckpt_cb, "best_model_score", None) if ckpt_cb else None
     results = {
-        "experiment": rtda_config.describe(cfg),
-        "choices": rtda_config.choices(),
-        "run_dir": str(output_dir.resolve()),
-        "git_revision": revision,
+        **record,
+        "status": "completed",
         "test": test_summary(trainer.callback_metrics, module.class_names),
         "best_val_mIoU": None if best_score is None else float(best_score),
         "best_checkpoint": str(Path(best).resolve()) if best else None,
         "checkpoint": str(Path(tested).resolve()) if tested and Path(tested).is_file() else None,
         "tested_weights": cfg.get("test_ckpt", "last"),
         "warnings": warnings_seen,
+        "decode_failures": module.decode_failures,
     }
     if results["test"]:
         results["test/mIoU"] = results["test"]["mIoU"]
-    if module.test_results:  # not filled in this process under ddp_spawn
+    if module.test_results:
         results["test/confmat"] = module.test_results["confmat"]
-    if trainer.is_global_zero:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        print(format_summary(results))
+    return results
+
+
+def train_in_own_process(cfg: DictConfig) -> dict:
+    """A multi-process (DDP) job of a local sweep: run as its own ``rtda-train`` (see :mod:`rtda.ddp`)."""
+    code = run_job_as_own_command()
+    path = Path(cfg.paths.output_dir) / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"status": "failed", "error": f"exit status {code}"}
+    if code != 0 or results.get("status") != "completed":
+        raise RtdaError(f"job in {cfg.paths.output_dir} failed: {results.get('error', f'exit status {code}')}")
     return results
 
 
 @hydra.main(version_base="1.3", config_path=str(rtda_config.CONFIG_DIR), config_name="train")
-@rtda_config.report_user_errors
+@exit_on_user_error
+@rtda_config.closes_wandb
 def _hydra_main(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    results = train(cfg)
+    if launches_processes(cfg.trainer) and shares_the_sweep_process():
+        results = train_in_own_process(cfg)
+    else:
+        results = train(cfg)
     metric = cfg.get("optimized_metric")
     value = results.get("best_val_mIoU") if metric == "val/mIoU" else results.get(metric)
     if value is None:
@@ -141,7 +232,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    _hydra_main()
+    run_cli(_hydra_main)
 
 
 if __name__ == "__main__":

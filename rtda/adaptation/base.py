@@ -10,7 +10,9 @@ SGD with a per-iteration poly schedule, and target-domain validation/test with
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,9 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtda.data.labels import CLASS_NAMES, IGNORE_INDEX
-from rtda.errors import TrainingDiverged
+from rtda.errors import ConfigValueError, TrainingDiverged
 from rtda.metrics import SegmentationMetrics
 from rtda.viz import prediction_panel
+
+log = logging.getLogger("rtda")
 
 
 def poly_lambda(max_iters: int, power: float = 0.9) -> Callable[[int], float]:
@@ -72,9 +76,10 @@ class SegmentationModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.class_names = list(class_names or CLASS_NAMES[:num_classes])
         if len(self.class_names) != num_classes:
-            raise ValueError(f"{len(self.class_names)} class names for num_classes={num_classes}")
+            raise ConfigValueError(f"{len(self.class_names)} class names for num_classes={num_classes}")
         self.run_config: dict | None = None  # config, overrides and choices of the run, saved into checkpoints
         self.test_results: dict | None = None
+        self.decode_failures: dict[str, int] = {}  # training files that failed to decode -> times replaced
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
@@ -142,10 +147,35 @@ class SegmentationModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=source["image"].shape[0])
         return loss
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """Count the training files that failed to decode and were replaced (``"skipped"`` in the batch);
+        warn once per file."""
+        for domain in batch.values():
+            for entry in (domain.get("skipped", ()) if isinstance(domain, dict) else ()):
+                for path in filter(None, entry.split(os.pathsep)):
+                    if path not in self.decode_failures:
+                        log.warning("a training file failed to decode and is replaced by the next sample "
+                                    "(counted in results.json): %s", path)
+                    self.decode_failures[path] = self.decode_failures.get(path, 0) + 1
+
+    def on_train_end(self) -> None:
+        """Gather every process's decode failures, so the run's results list them all."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.decode_failures)
+            merged: dict[str, int] = {}
+            for part in gathered:
+                for path, n in part.items():
+                    merged[path] = merged.get(path, 0) + n
+            self.decode_failures = merged
+
     @property
     def iteration(self) -> int:
         """Training iterations started so far (this one included), whatever number of optimizers step."""
-        return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.ready)
+        trainer = self._trainer  # None outside a Trainer (a module saved or checked by hand)
+        return int(trainer.fit_loop.epoch_loop.batch_progress.total.ready) if trainer is not None else 0
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Stop at the first non-finite loss. ``training_step`` returns its loss, or a dict of named losses
@@ -250,7 +280,7 @@ class SegmentationModule(pl.LightningModule):
     def configure_optimizers(self):
         base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
         if base_lr is None:
-            raise ValueError("optimizer.lr must be set: the poly schedule and the head multiplier scale it")
+            raise ConfigValueError("optimizer.lr must be set: the poly schedule and the head multiplier scale it")
         optimizer = self.optimizer_factory(params=self.parameter_groups(base_lr))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(self.max_iterations(), self.hparams.poly_power))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+
+from rtda.errors import DecodeError
 
 
 class DatasetFormatError(FileNotFoundError):
@@ -21,7 +24,7 @@ def read_rgb(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
+        raise DecodeError(f"cannot decode image {path}: {err}", path) from err
 
 
 def read_label(path: Path, decode: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
@@ -29,7 +32,7 @@ def read_label(path: Path, decode: Callable[[Image.Image], np.ndarray]) -> np.nd
         with Image.open(path) as img:
             return decode(img)
     except (OSError, SyntaxError, ValueError) as err:
-        raise OSError(f"cannot read label {path}: {err}") from err
+        raise DecodeError(f"cannot decode label {path}: {err}", path) from err
 
 
 def require_dir(path: Path, dataset: str, expected_tree: str) -> Path:
@@ -60,8 +63,11 @@ class SegmentationFiles(Dataset):
     millisecond a file): unreadable files are dropped and counted before training starts, and labels
     whose size differs from their image are found (``allow_resize`` decides: resize or stop).
     ``skip_unreadable`` (set by the DataModule for training sets) replaces a sample that still fails to
-    decode mid-epoch (a truncated file) by the next one, with a warning naming the file, instead of
-    killing the run; evaluation sets never skip, so scores are always over the whole split.
+    decode mid-epoch (a truncated file: its header is fine) by the next one instead of killing the run;
+    the sample then names the failed file under ``"skipped"`` (always present in training samples, ``""``
+    when nothing failed), so the training module counts failures per file across DataLoader workers and
+    processes, warns once per file and lists them in the run's results. Evaluation sets never skip, so
+    scores are always over the whole split: a file that fails there stops the run naming it.
     """
 
     dataset_name = "dataset"
@@ -139,19 +145,23 @@ class SegmentationFiles(Dataset):
         if label.shape == size:
             return label
         if not self.allow_resize:
-            raise ValueError(f"label {path} is {label.shape[1]}x{label.shape[0]}, its image is {size[1]}x{size[0]}")
+            raise DecodeError(f"label {path} is {label.shape[1]}x{label.shape[0]}, its image is {size[1]}x{size[0]}", path)
         return np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.NEAREST))
 
     def __getitem__(self, index: int) -> dict:
-        try:
-            sample = self.load(index)
-        except OSError as err:
-            if not self.skip_unreadable or len(self) < 2:
-                raise
-            warnings.warn(f"{self.dataset_name}: skipping a sample that failed to decode: {err}", stacklevel=2)
-            return self[(index + 1) % len(self)]
-        if self.transform is None:
-            return sample
-        out = self.transform(image=sample["image"], label=sample.get("label"))
-        out["name"] = sample["name"]
-        return out
+        failed = []
+        for attempt in range(len(self) if self.skip_unreadable else 1):
+            try:
+                sample = self.load((index + attempt) % len(self))
+                break
+            except DecodeError as err:
+                if not self.skip_unreadable or attempt == len(self) - 1:
+                    raise
+                failed.append(str(err.path))
+        if self.transform is not None:
+            out = self.transform(image=sample["image"], label=sample.get("label"))
+            out["name"] = sample["name"]
+            sample = out
+        if self.skip_unreadable:
+            sample["skipped"] = os.pathsep.join(failed)
+        return sample

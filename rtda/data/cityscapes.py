@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from rtda.data.base import DatasetFormatError, SegmentationFiles, require_dir
-from rtda.data.labels import label_ids_to_train_ids
+from rtda.data.labels import IGNORE_INDEX, NUM_CLASSES, label_ids_to_train_ids
 
 EXPECTED_TREE = (
     "  ROOT/leftImg8bit/{split}/CITY/CITY_SSSSSS_FFFFFF_leftImg8bit.png\n"
@@ -24,11 +24,19 @@ IMAGE_SUFFIX = "_leftImg8bit.png"
 
 
 def _decode_label_ids(img: Image.Image) -> np.ndarray:
+    if img.mode not in ("L", "P", "I", "I;16"):
+        raise ValueError(f"a labelIds PNG is single-channel (mode L), not {img.mode} (a _gtFine_color.png?)")
     return label_ids_to_train_ids(np.asarray(img))
 
 
 def _decode_train_ids(img: Image.Image) -> np.ndarray:
-    return np.asarray(img).astype(np.uint8, copy=False)
+    if img.mode not in ("L", "P"):
+        raise ValueError(f"a labelTrainIds PNG is single-channel (mode L), not {img.mode}")
+    ids = np.asarray(img)
+    if ((ids >= NUM_CLASSES) & (ids != IGNORE_INDEX)).any():
+        raise ValueError(f"holds values other than train ids 0..{NUM_CLASSES - 1} and {IGNORE_INDEX}: is it a "
+                         "labelIds image named _labelTrainIds?")
+    return ids.astype(np.uint8, copy=False)
 
 
 class Cityscapes(SegmentationFiles):

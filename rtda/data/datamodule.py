@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from rtda.data.transforms import SegmentationTransform
+from rtda.errors import ConfigValueError
 
 
 class DomainAdaptationDataModule(pl.LightningDataModule):
@@ -63,7 +64,7 @@ class DomainAdaptationDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             factory = self.factories[split]
             if factory is None:
-                raise ValueError(f"data.{split} is not configured: this method needs a {split} dataset")
+                raise ConfigValueError(f"data.{split} is not configured: this method needs a {split} dataset")
             if split in ("source", "target"):
                 transform = SegmentationTransform(self.sizes[split], self.augmentation.get(split) or ())
             else:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from rtda.data.labels import ID_PALETTE, NAME_TO_ID
+from rtda.io import build_once
 
 GENERATOR_VERSION = 2
 _ID = NAME_TO_ID
@@ -437,35 +437,34 @@ def _jobs(root: Path, spec: DemoSpec) -> list[tuple]:
 def ensure_demo(root: str | Path, **spec_kwargs) -> Path:
     """Generate the demo pair under ``root/{gta5,cityscapes}`` unless an identical one is there.
 
-    A ``demo.json`` stamp records the spec and generator version; a different spec regenerates.
-    Writes into a temporary folder and renames it, so an interrupted run never leaves half a dataset.
+    A ``demo.json`` stamp records the spec and generator version; a different spec regenerates. Built
+    with :func:`rtda.io.build_once`: concurrent runs on a fresh data folder generate it once (the others
+    wait and reuse it), and an interrupted generation never leaves half a dataset under ``root``.
     """
     root = Path(root)
     spec = DemoSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_kwargs.items()})
-    stamp = {"version": GENERATOR_VERSION, **asdict(spec)}
-    stamp_file = root / "demo.json"
-    if stamp_file.exists():
+    stamp = json.loads(json.dumps({"version": GENERATOR_VERSION, **asdict(spec)}))
+
+    def is_complete(folder: Path) -> bool:
         try:
-            if json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp)):
-                return root
-        except json.JSONDecodeError:
-            pass
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    start = time.perf_counter()
-    jobs = _jobs(tmp, spec)
-    workers = min(len(jobs) // 50 + 1, os.cpu_count() or 1, 4)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_pair, jobs, chunksize=16))
-    else:
-        for job in jobs:
-            _write_pair(job)
-    (tmp / "demo.json").write_text(json.dumps(stamp, indent=2))
-    shutil.rmtree(root, ignore_errors=True)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(root)
-    print(f"rtda: wrote the demo domain pair to {root} in {time.perf_counter() - start:.1f} s")
+            return json.loads((folder / "demo.json").read_text()) == stamp
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    def build(tmp: Path) -> None:
+        start = time.perf_counter()
+        jobs = _jobs(tmp, spec)
+        workers = min(len(jobs) // 50 + 1, os.cpu_count() or 1, 4)
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                list(pool.map(_write_pair, jobs, chunksize=16))
+        else:
+            for job in jobs:
+                _write_pair(job)
+        (tmp / "demo.json").write_text(json.dumps(stamp, indent=2))  # the stamp last: it marks the folder complete
+        print(f"rtda: wrote the demo domain pair to {root} in {time.perf_counter() - start:.1f} s")
+
+    build_once(root, is_complete, build)
     return root
 
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from rtda.data.cityscapes import Cityscapes
 from rtda.data.gta5 import GTA5
 from rtda.data.labels import CLASS_NAMES, NUM_CLASSES
+from rtda.io import atomic_write_text
 
 READERS = {"gta5": GTA5, "cityscapes": Cityscapes}
 
@@ -72,8 +73,8 @@ def cached_class_stats(dataset_name: str, root: str | Path, split: str = "all", 
         if cached.get("fingerprint") == fingerprint:
             return cached
     stats = {"dataset": dataset_name, "split": split, "fingerprint": fingerprint, **class_stats(dataset, num_workers)}
-    try:
-        cache.write_text(json.dumps(stats, indent=2))
+    try:  # complete or absent: a concurrent run reading the cache never sees half of it
+        atomic_write_text(cache, json.dumps(stats, indent=2))
     except OSError:  # a read-only dataset folder: still return the numbers
         pass
     return stats

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from rtda.models.pretrained import file_state_dict, load_matching, registry_state_dict
+from rtda.errors import ConfigValueError
+from rtda.models.pretrained import PretrainedWeightsError, file_state_dict, load_matching, registry_state_dict
 
 _BACKBONES = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, 256, 512),
@@ -89,7 +90,7 @@ class ContextPath(nn.Module):
                    k.replace("bn1.", "stem.1.", 1) if k.startswith("bn1.") else k: v for k, v in state.items()}
         missing = load_matching(self, renamed, source, prefixes=("", "context_path.", "backbone."))
         if missing:
-            raise ValueError(f"{source}: {len(missing)} backbone tensors were not in the file, e.g. {missing[:3]}")
+            raise PretrainedWeightsError(f"{source}: {len(missing)} backbone tensors were not in the file, e.g. {missing[:3]}")
 
 
 class BiSeNet(nn.Module):
@@ -100,7 +101,7 @@ class BiSeNet(nn.Module):
                  aux_weights: tuple[float, ...] = (1.0, 1.0)):
         super().__init__()
         if backbone not in _BACKBONES:
-            raise ValueError(f"model.backbone={backbone!r}: expected one of {sorted(_BACKBONES)}")
+            raise ConfigValueError(f"model.backbone={backbone!r}: expected one of {sorted(_BACKBONES)}")
         c16, c32 = _BACKBONES[backbone][2:]
         self.spatial_path = SpatialPath()
         self.context_path = ContextPath(backbone)

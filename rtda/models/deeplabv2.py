@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet101_Weights
 
-from rtda.models.pretrained import file_state_dict, load_matching, registry_state_dict
+from rtda.models.pretrained import PretrainedWeightsError, file_state_dict, load_matching, registry_state_dict
 
 
 class Bottleneck(nn.Module):
@@ -134,7 +134,7 @@ class DeepLabV2(nn.Module):
         missing = load_matching(self, renamed, source, prefixes=("", "backbone.", "Scale."))
         backbone_missing = [k for k in missing if not k.startswith(("classifier.", "aux_classifier."))]
         if backbone_missing:
-            raise ValueError(f"{source}: {len(backbone_missing)} backbone tensors were not in the file, e.g. {backbone_missing[:3]}")
+            raise PretrainedWeightsError(f"{source}: {len(backbone_missing)} backbone tensors were not in the file, e.g. {backbone_missing[:3]}")
 
     def backbone_parameters(self):
         heads = {id(p) for p in self.classifier.parameters()}
