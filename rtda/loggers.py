@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 from pathlib import Path
+
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from rtda.config import choices
 
@@ -68,3 +73,28 @@ def wandb_logger(
         print(f"rtda: W&B is offline (not logged in); the run is saved under {Path(save_dir) / 'wandb'} "
               "- upload it later with `wandb sync`.")
     return logger
+
+
+
+class HistoryKeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing ``metrics.csv`` when a new writer opens the folder (a
+    resumed run, the test stage in another process) and then rewrites the file with only the columns this
+    process has seen. This one keeps the file and starts from its columns: rows are appended, and a new
+    column rewrites the file with the old rows intact."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class HistoryKeepingCSVLogger(CSVLogger):
+    """A ``CSVLogger`` whose ``metrics.csv`` survives resumes and new processes: nothing logged is lost."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> HistoryKeepingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = HistoryKeepingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torchvision import models
 
+from rtda.errors import ConfigValueError
 from rtda.models import pretrained
 from rtda.models.bisenet import BiSeNet
 
@@ -50,7 +51,7 @@ def test_registry_failure_says_how_to_pass_a_file(monkeypatch):
 
 
 def test_unknown_backbone():
-    with pytest.raises(ValueError, match="model.backbone='resnet7'"):
+    with pytest.raises(ConfigValueError, match="model.backbone='resnet7'"):
         BiSeNet(19, backbone="resnet7")
 
 

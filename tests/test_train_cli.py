@@ -57,6 +57,13 @@ def test_resume_continues_from_last_checkpoint(trained_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Restoring states from the checkpoint" in proc.stdout + proc.stderr
     assert torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 9
+    import csv
+
+    with open(folder / "csv" / "metrics.csv", newline="") as f:  # the history before the resume is kept
+        rows = list(csv.DictReader(f))
+    val_steps = sorted(int(r["step"]) for r in rows if r.get("val/mIoU"))
+    assert len(val_steps) == 3 and val_steps[:2] == [2, 5], val_steps  # the first run's (iterations 3, 6) + the resumed
+    assert any(r.get("test/mIoU") for r in rows)
 
 
 def test_unknown_option_stops_with_the_valid_choices(tmp_path):
