@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from rtda import config as rtda_config
+from rtda.models.outputs import main_logits
 from rtda.results import format_summary, test_summary
 
 #: saved overrides that describe training only, never replayed at evaluation
@@ -41,7 +42,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def build_net(ckpt: dict) -> nn.Module:
-    """The checkpoint's network, as its run configured it, with its trained weights."""
+    """The checkpoint's segmentation network, as its run configured it, with its trained weights: the
+    ``net.`` entries of any method's checkpoint (its discriminators and other networks are left out)."""
     model_cfg = dict(ckpt["rtda"]["config"]["model"])
     model_cfg["pretrained"] = False  # the checkpoint holds the weights; fetch nothing
     net = hydra.utils.instantiate(model_cfg)
@@ -65,8 +67,7 @@ class SoftmaxEnsemble(nn.Module):
     def predict(self, x: torch.Tensor, size=None) -> torch.Tensor:
         total = None
         for net in self.nets:
-            logits = net(x)
-            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+            logits = main_logits(net(x))
             if size is not None and tuple(logits.shape[-2:]) != tuple(size):
                 logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
             probs = logits.softmax(dim=1)

@@ -53,6 +53,21 @@ def random_init_warning(cfg: DictConfig) -> str | None:
     return None
 
 
+def method_strategy(strategy, module) -> dict:
+    """``{"strategy": ...}`` with the options the method needs (``module.strategy_options``, e.g. DDP's
+    ``find_unused_parameters`` for adversarial methods) applied to a named DDP strategy, so the user never
+    has to know them; ``{}`` (keep the trainer config's strategy) when the method needs none."""
+    options = dict(getattr(module, "strategy_options", None) or {})
+    if not options or not isinstance(strategy, str) or not strategy.startswith("ddp"):
+        return {}
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    if strategy not in StrategyRegistry:
+        raise ValueError(f"trainer.strategy={strategy!r}: expected one of {sorted(StrategyRegistry)}")
+    entry = StrategyRegistry[strategy]
+    return {"strategy": entry["strategy"](**{**entry["init_params"], **options})}
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one experiment; returns the results written to ``results.json``."""
     import pytorch_lightning as pl
@@ -76,7 +91,8 @@ def train(cfg: DictConfig) -> dict:
     callbacks = list(rtda_config.instantiate_dict(cfg.get("callbacks")).values())
     if not loggers:  # LearningRateMonitor refuses to run without a logger; nothing to monitor into
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                  **method_strategy(cfg.trainer.get("strategy"), module))
     revision = _git_revision()
     for logger in loggers:
         logger.log_hyperparams({**resolved, "git_revision": revision})
