@@ -9,8 +9,8 @@ networks: discriminators, a teacher; registered as submodules, they are saved in
 ``training_step``; it sets ``uses_target_images = True`` to receive ``batch["target"]``.
 
 **Iterations, not optimizer steps.** Lightning's ``global_step`` counts ``optimizer.step()`` calls, so
-a method stepping three optimizers would end after a third of ``trainer.max_steps`` iterations, validate
-three times too early and name its checkpoints wrongly. Methods with several optimizers use manual
+a method stepping three optimizers would end after a third of ``trainer.max_steps`` iterations, with a
+poly schedule cut short and checkpoints named by optimizer steps. Methods with several optimizers use manual
 optimization and step them with :meth:`SegmentationModule.step_optimizer`: the first optimizer stepped in
 an iteration goes through Lightning's ``LightningOptimizer.step`` (counted); the others go straight to
 ``trainer.strategy.optimizer_step`` — the very call ``LightningOptimizer.step`` wraps, so the precision
