@@ -128,10 +128,18 @@ def benchmark(cfg: DictConfig) -> list[dict]:
     if b.threads:
         torch.set_num_threads(int(b.threads))
     threads = torch.get_num_threads()
-    model_cfg = dict(cfg.model)
-    model_cfg["pretrained"] = False  # weights do not change the speed; fetch nothing
-    net = hydra.utils.instantiate(model_cfg).eval().to(device)
-    name = hydra.core.hydra_config.HydraConfig.get().runtime.choices.get("model", type(net).__name__)
+    if b.get("ckpt_path"):  # the segmenter of any method's checkpoint (weights_only), as its run configured it
+        from rtda.checkpoints import build_net, load_checkpoint
+
+        ckpt = load_checkpoint(b.ckpt_path)
+        model_cfg = {**ckpt["rtda"]["config"]["model"], "pretrained": False}
+        net = build_net(ckpt).to(device)
+        name = ckpt["rtda"].get("choices", {}).get("model", type(net).__name__)
+    else:
+        model_cfg = dict(cfg.model)
+        model_cfg["pretrained"] = False  # weights do not change the speed; fetch nothing
+        net = hydra.utils.instantiate(model_cfg).eval().to(device)
+        name = hydra.core.hydra_config.HydraConfig.get().runtime.choices.get("model", type(net).__name__)
     example = torch.randn(b.batch_size, 3, b.height, b.width, device=device)
 
     params = count_parameters(net)

@@ -22,7 +22,7 @@ class RtdaError(Exception):
     """An error in what the user gave rtda (config, files, paths): reported as one line."""
 
 
-class ConfigValueError(RtdaError):
+class ConfigValueError(RtdaError, ValueError):
     """A config value of the wrong type or range."""
 
 

@@ -25,6 +25,7 @@ from rtda import config as rtda_config
 from rtda.checkpoints import build_net, describe_net, load_checkpoint
 from rtda.errors import CheckpointError, ConfigValueError, exit_on_user_error, run_cli
 from rtda.io import atomic_write_text, check_writable
+from rtda.models.outputs import main_logits
 from rtda.results import format_summary, test_summary
 
 #: saved overrides that describe training only, never replayed at evaluation
@@ -47,8 +48,7 @@ class SoftmaxEnsemble(nn.Module):
     def predict(self, x: torch.Tensor, size=None) -> torch.Tensor:
         total = None
         for net in self.nets:
-            logits = net(x)
-            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+            logits = main_logits(net(x))
             if size is not None and tuple(logits.shape[-2:]) != tuple(size):
                 logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
             probs = logits.softmax(dim=1)

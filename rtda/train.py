@@ -25,7 +25,7 @@ from rtda.ddp import (
     shares_the_sweep_process,
     use_rtda_ddp_children,
 )
-from rtda.errors import RtdaError, exit_on_user_error, log_to_files, one_line, run_cli
+from rtda.errors import ConfigValueError, RtdaError, exit_on_user_error, log_to_files, one_line, run_cli
 from rtda.io import atomic_write_text, check_writable
 from rtda.results import format_summary, test_summary
 
@@ -84,6 +84,21 @@ def write_results(output_dir: Path, results: dict) -> None:
     if is_rank_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
+
+
+def method_strategy(strategy, module) -> dict:
+    """``{"strategy": ...}`` with the options the method needs (``module.strategy_options``, e.g. DDP's
+    ``find_unused_parameters`` for adversarial methods) applied to a named DDP strategy, so the user never
+    has to know them; ``{}`` (keep the trainer config's strategy) when the method needs none."""
+    options = dict(getattr(module, "strategy_options", None) or {})
+    if not options or not isinstance(strategy, str) or not strategy.startswith("ddp"):
+        return {}
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    if strategy not in StrategyRegistry:
+        raise ConfigValueError(f"trainer.strategy={strategy!r}: expected one of {sorted(StrategyRegistry)}")
+    entry = StrategyRegistry[strategy]
+    return {"strategy": entry["strategy"](**{**entry["init_params"], **options})}
 
 
 def train(cfg: DictConfig) -> dict:
@@ -157,7 +172,8 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
     if not loggers:  # LearningRateMonitor refuses to run without a logger; nothing to monitor into
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
     use_rtda_ddp_children()
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                  **method_strategy(cfg.trainer.get("strategy"), module))
     for logger in loggers:
         logger.log_hyperparams({**resolved, "git_revision": record["git_revision"]})
 

@@ -88,3 +88,26 @@ def test_bench_needs_no_albumentations():
     code = "import sys; sys.modules['albumentations'] = None; import rtda.bench, rtda.adaptation.base, rtda.evaluate"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_bench_takes_the_segmenter_of_an_adversarial_checkpoint(tmp_path):
+    import pytorch_lightning as pl
+    from test_adaptation import TinyData, module, trainer
+
+    m = module("adversarial")
+    m.run_config = {"config": {"model": {"_target_": "rtda.models.bisenet.BiSeNet", "num_classes": 4, "pretrained": False}},
+                    "overrides": [], "choices": {"model": "bisenet_r18", "adaptation": "adversarial"}}
+    t: pl.Trainer = trainer(tmp_path, max_steps=1)
+    t.fit(m, datamodule=TinyData())
+    t.save_checkpoint(tmp_path / "adv.ckpt")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("bench", overrides=["bench.height=32", "bench.width=64", "bench.max_seconds=0.05", "bench.min_runs=2",
+                                          "bench.warmup=1", "bench.variants=[plain,eager]", "bench.matmul_ceiling=false",
+                                          f"bench.ckpt_path={tmp_path / 'adv.ckpt'}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    rows = benchmark(cfg)
+    # the 4-class segmenter alone (no discriminator): BiSeNet-R18's size for 4 classes, not 19
+    params = sum(p.numel() for p in m.net.parameters())
+    assert [r["params_M"] for r in rows] == pytest.approx([params / 1e6] * 2) and params < 12_068_672
+    assert rows[0]["model"] == "bisenet_r18"

@@ -33,7 +33,9 @@ def test_contract_options_exist():
     assert {"demo", "demo_oracle"} <= set(options("data"))
     assert "bisenet_r18" in options("model")
     assert {"none", "geometric", "photometric"} <= set(options("augmentation"))
-    assert "source_only" in options("adaptation")
+    assert {"source_only", "adversarial", "minent", "advent"} <= set(options("adaptation"))
+    assert {"gta5_adversarial", "gta5_adversarial_multi", "gta5_minent", "gta5_advent", "demo_adversarial",
+            "demo_minent", "demo_advent"} <= set(options("experiment"))
     assert {"fdr", "overfit", "limit", "profiler"} <= set(options("debug"))
 
 

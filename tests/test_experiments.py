@@ -13,7 +13,8 @@ SMALL = ["data.source_size=[36,64]", "data.target_size=[32,64]", "data.batch_siz
 
 
 @pytest.mark.parametrize("experiment", ["gta5_source_only", "cityscapes_bisenet",
-                                        pytest.param("cityscapes_deeplabv2", marks=pytest.mark.slow)])
+                                        pytest.param("cityscapes_deeplabv2", marks=pytest.mark.slow),
+                                        pytest.param("gta5_adversarial_multi", marks=pytest.mark.slow)])
 def test_study_runs_on_real_format_trees(experiment, tiny_demo_dir, tmp_path):
     # tiny_demo_dir/demo holds gta5/ and cityscapes/ exactly as the real datasets are laid out
     proc = rtda_train([f"experiment={experiment}", f"paths.data_dir={tiny_demo_dir / 'demo'}", *SMALL], cwd=tmp_path)

@@ -5,15 +5,16 @@ from torchvision import models
 from rtda.errors import ConfigValueError
 from rtda.models import pretrained
 from rtda.models.bisenet import BiSeNet
+from rtda.models.outputs import SegmentationOutputs
 
 
 def test_bisenet_train_and_eval_outputs():
     net = BiSeNet(num_classes=19)
     x = torch.randn(2, 3, 64, 128)
     net.train()
-    out = net(x)
-    assert isinstance(out, tuple) and len(out) == 3
-    assert all(o.shape == (2, 19, 64, 128) for o in out)
+    out = net(x)  # training mode: the main output and the two named deep-supervision heads
+    assert isinstance(out, SegmentationOutputs) and set(out.aux) == {"context16", "context32"} and not out.levels
+    assert all(o.shape == (2, 19, 64, 128) for o in (out.out, *out.aux.values()))
     net.eval()
     with torch.no_grad():
         y = net(x)
@@ -63,11 +64,14 @@ def test_deeplabv2_matches_the_official_parameter_count_and_shapes():
     x = torch.randn(1, 3, 65, 129)  # odd sizes: ceil-mode pooling, output still at the input size
     net.train()
     assert net(x).shape == (1, 19, 65, 129)
-    assert not net.bn1.training and not net.layer3[5].bn2.training  # frozen BatchNorm stays in eval mode
+    before = net.layer3[5].bn2.running_mean.clone()
+    net(x * 5 + 2)
+    assert torch.equal(net.layer3[5].bn2.running_mean, before)  # frozen BatchNorm: statistics never move
     assert not net.bn1.weight.requires_grad
     multi = DeepLabV2(19, multi_level=True).train()
-    main, aux = multi(x)
-    assert main.shape == aux.shape == (1, 19, 65, 129) and multi.aux_weights == (0.1,)
+    out = multi(x)
+    assert out.out.shape == out.aux["layer3"].shape == (1, 19, 65, 129) and multi.aux_weights == {"layer3": 0.1}
+    assert out.levels["layer3"] is out.aux["layer3"] and multi.adaptation_levels == ("layer3",)
     head = {id(p) for p in multi.classifier.parameters()} | {id(p) for p in multi.aux_classifier.parameters()}
     assert not head & {id(p) for p in multi.backbone_parameters()}
 

@@ -42,7 +42,7 @@ def test_short_run_saves_resumable_checkpoints_with_config(trained_run):
     assert ckpt["rtda"]["config"]["model"]["_target_"] == "rtda.models.bisenet.BiSeNet"
     assert "augmentation=geometric" in ckpt["rtda"]["overrides"] and ckpt["rtda"]["choices"]["data"] == "demo"
     metrics = (folder / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"train/loss", "train/loss_seg", "train/loss_aux1", "val/mIoU", "val/IoU/road", "test/mIoU"} <= set(metrics)
+    assert {"train/loss", "train/loss_seg", "train/loss_aux/context16", "val/mIoU", "val/IoU/road", "test/mIoU"} <= set(metrics)
     assert list((folder / "predictions").glob("val_step*.png"))
     assert (folder / ".hydra" / "config.yaml").is_file()
 

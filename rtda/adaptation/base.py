@@ -3,17 +3,30 @@
 A method is "supervised loss on source + something that uses the target". This module owns what they
 all share (torchgeo's ``BaseTask`` pattern): the network, the segmentation loss with auxiliary heads,
 SGD with a per-iteration poly schedule, and target-domain validation/test with
-:class:`rtda.metrics.SegmentationMetrics`. A method overrides ``configure_models`` (add a discriminator),
-``training_step`` and, for several optimizers, ``configure_optimizers``; set
-``uses_target_images = True`` to receive ``batch["target"]``.
+:class:`rtda.metrics.SegmentationMetrics`. A method overrides ``configure_models`` (build its own
+networks: discriminators, a teacher; registered as submodules, they are saved in its checkpoints),
+``configure_extra_optimizers`` (one optimizer per own network, poly-scheduled like the segmenter) and
+``training_step``; it sets ``uses_target_images = True`` to receive ``batch["target"]``.
+
+**Iterations, not optimizer steps.** Lightning's ``global_step`` counts ``optimizer.step()`` calls, so
+a method stepping three optimizers would end after a third of ``trainer.max_steps`` iterations, with a
+poly schedule cut short and checkpoints named by optimizer steps. Methods with several optimizers use manual
+optimization and step them with :meth:`SegmentationModule.step_optimizer`: the first optimizer stepped in
+an iteration goes through Lightning's ``LightningOptimizer.step`` (counted); the others go straight to
+``trainer.strategy.optimizer_step`` — the very call ``LightningOptimizer.step`` wraps, so the precision
+plugin (AMP loss scaling and unscaling, ``on_before_optimizer_step`` hooks) and the strategy still run —
+without the step counter. ``global_step``, ``max_steps``, ``val_check_interval``, checkpoint names, logged
+steps and ``ckpt_path=auto`` resume therefore all count training iterations; each poly scheduler steps
+with its optimizer, once per iteration (Lightning does not step schedulers under manual optimization).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +38,14 @@ from torch import nn
 from rtda.data.labels import CLASS_NAMES, IGNORE_INDEX
 from rtda.errors import ConfigValueError, TrainingDiverged
 from rtda.metrics import SegmentationMetrics
+from rtda.models.outputs import as_outputs, main_logits
 from rtda.viz import prediction_panel
 
 log = logging.getLogger("rtda")
+
+
+def _no_closure() -> None:
+    return None
 
 
 def poly_lambda(max_iters: int, power: float = 0.9) -> Callable[[int], float]:
@@ -43,10 +61,13 @@ class SegmentationModule(pl.LightningModule):
     """Supervised segmentation on the source domain, scored on the target domain.
 
     Args:
-        net: the segmentation network; in training mode it may return ``(main, *aux)`` logits, weighted
-            in the loss by ``net.aux_weights`` (default 1 each).
+        net: the segmentation network; in training mode it may return
+            :class:`rtda.models.outputs.SegmentationOutputs` whose ``aux`` heads are weighted in the loss by
+            ``net.aux_weights[name]``.
         optimizer: a partial optimizer (Hydra ``_partial_: true``) taking parameter groups (None: evaluation only).
         poly_power: exponent of the poly learning-rate schedule, stepped once per iteration.
+        poly_iters: length of the poly schedule in iterations (null: ``trainer.max_steps``). The official
+            AdaptSegNet / ADVENT scripts schedule over 250k iterations and stop early (150k / 120k).
         head_lr_mult: learning-rate multiplier for everything but ``net.backbone_parameters()``;
             ``None`` takes the network's own ``head_lr_mult`` (DeepLabV2: 10, as in the official code).
         class_names: names used in metric keys (``val/IoU/<name>``).
@@ -54,9 +75,17 @@ class SegmentationModule(pl.LightningModule):
         channels_last: run the network in NHWC memory format (oneDNN on the CPU and tensor cores on the
             GPU are faster with it: BENCHMARKS.md measures -18% per training step and -40% per BiSeNet
             inference on this project's 2-core CPU). Numerically the same network.
+        update_bn_on_target: whether target batches update the BatchNorm running statistics (what evaluation
+            normalises with). The official code passes target images through the network in training
+            mode, so they do (default). With false they are still normalised with their own batch
+            statistics, but the running statistics stay the source's. No effect on frozen BatchNorm.
+        gradient_clip_val: clip every optimizer's gradient norm to this value before its step (null: no
+            clipping, as the references). Works with manual optimization, unlike ``trainer.gradient_clip_val``.
     """
 
     uses_target_images: bool = False
+    #: keyword arguments a DDP strategy needs for this method (rtda-train applies them to ``trainer.strategy``)
+    strategy_options: dict = {}
 
     def __init__(
         self,
@@ -69,6 +98,9 @@ class SegmentationModule(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         num_log_images: int = 4,
         channels_last: bool = True,
+        poly_iters: int | None = None,
+        update_bn_on_target: bool = True,
+        gradient_clip_val: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"])
@@ -80,13 +112,14 @@ class SegmentationModule(pl.LightningModule):
         self.run_config: dict | None = None  # config, overrides and choices of the run, saved into checkpoints
         self.test_results: dict | None = None
         self.decode_failures: dict[str, int] = {}  # training files that failed to decode -> times replaced
+        self._counted_iteration = -1  # the iteration whose optimizer step Lightning counted last
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
 
     # -- hooks a method overrides -------------------------------------------------------------
     def configure_models(self) -> None:
-        """Build extra networks (a discriminator, a translator)."""
+        """Build the method's own networks (discriminators, a translator) as submodules."""
 
     def configure_losses(self) -> None:
         self.seg_criterion = nn.CrossEntropyLoss(ignore_index=self.hparams.ignore_index)
@@ -112,16 +145,17 @@ class SegmentationModule(pl.LightningModule):
         return batch
 
     def segmentation_loss(self, outputs, label: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Cross-entropy on the main output plus weighted auxiliary outputs; returns (total, parts)."""
-        if isinstance(outputs, torch.Tensor):
-            outputs = (outputs,)
-        main, *aux = outputs
-        weights = getattr(self.net, "aux_weights", (1.0,) * len(aux))
-        parts = {"loss_seg": self.seg_criterion(main, label)}
+        """Cross-entropy on the main output plus each deep-supervision head weighted by ``net.aux_weights``;
+        returns (total, parts) with parts ``loss_seg`` and ``loss_aux/<head>``."""
+        outputs = as_outputs(outputs)
+        weights = getattr(self.net, "aux_weights", {})
+        parts = {"loss_seg": self.seg_criterion(outputs.out, label)}
         total = parts["loss_seg"]
-        for i, (out, w) in enumerate(zip(aux, weights)):
-            parts[f"loss_aux{i + 1}"] = self.seg_criterion(out, label)
-            total = total + w * parts[f"loss_aux{i + 1}"]
+        for name, logits in outputs.aux.items():
+            if name not in weights:
+                raise ConfigValueError(f"{type(self.net).__name__} returned auxiliary head {name!r} but no aux_weights[{name!r}]")
+            parts[f"loss_aux/{name}"] = self.seg_criterion(logits, label)
+            total = total + weights[name] * parts[f"loss_aux/{name}"]
         return total, parts
 
     @torch.no_grad()
@@ -132,12 +166,35 @@ class SegmentationModule(pl.LightningModule):
         image = self.to_memory_format(image)
         if hasattr(self.net, "predict"):
             return self.net.predict(image, size)
-        logits = self.net(image)
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
+        logits = main_logits(self.net(image))
         if size is not None and tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
         return logits
+
+    @contextlib.contextmanager
+    def target_batchnorm(self) -> Iterator[None]:
+        """Around a target forward pass: leave the BatchNorm running statistics untouched unless
+        ``update_bn_on_target``. Batch statistics still normalise the batch (momentum 0 keeps the running
+        ones), exactly as a training-mode pass does."""
+        if self.hparams.update_bn_on_target:
+            yield
+            return
+        saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                 for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        for m, _, _ in saved:
+            m.momentum = 0.0
+        try:
+            yield
+        finally:
+            for m, momentum, tracked in saved:
+                m.momentum = momentum
+                if tracked is not None:
+                    m.num_batches_tracked.copy_(tracked)
+
+    def forward_target(self, image: torch.Tensor):
+        """The network on a target batch in training mode, under :meth:`target_batchnorm`."""
+        with self.target_batchnorm():
+            return self.net(image)
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -176,6 +233,30 @@ class SegmentationModule(pl.LightningModule):
         """Training iterations started so far (this one included), whatever number of optimizers step."""
         trainer = self._trainer  # None outside a Trainer (a module saved or checked by hand)
         return int(trainer.fit_loop.epoch_loop.batch_progress.total.ready) if trainer is not None else 0
+
+    def step_optimizer(self, optimizer) -> None:
+        """Step one optimizer and its poly schedule under manual optimization, counting training iterations.
+
+        The first optimizer stepped in an iteration steps through Lightning (``LightningOptimizer.step``:
+        it increments ``global_step``); any other in the same iteration calls the strategy's
+        ``optimizer_step`` directly, which is what ``LightningOptimizer.step`` runs between its counter
+        hooks: precision plugin (AMP scaling), ``on_before_optimizer_step`` (gradient clipping), strategy.
+        The optimizer's scheduler steps right after it, as Lightning does in automatic optimization (and
+        before any ``on_train_batch_end`` checkpoint, so a checkpoint never holds a schedule one step
+        behind its weights). Every iteration must step at least one optimizer, each at most once."""
+        inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer a LightningOptimizer wraps
+        if self._counted_iteration != self.iteration:
+            self._counted_iteration = self.iteration
+            optimizer.step()
+        else:
+            self.trainer.strategy.optimizer_step(inner, closure=_no_closure)
+        for config in self.trainer.lr_scheduler_configs:
+            if config.scheduler.optimizer is inner:
+                config.scheduler.step()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.hparams.gradient_clip_val:  # after AMP unscaling, before the step, in either optimization mode
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Stop at the first non-finite loss. ``training_step`` returns its loss, or a dict of named losses
@@ -272,18 +353,30 @@ class SegmentationModule(pl.LightningModule):
         return [{"params": backbone, "lr": base_lr}, {"params": head, "lr": base_lr * mult}]
 
     def max_iterations(self) -> int:
+        """Training iterations of the run (``trainer.max_steps``: one per batch, whatever the optimizers)."""
         steps = self.trainer.max_steps
         if steps is None or steps < 0:
             steps = int(self.trainer.estimated_stepping_batches)
         return max(int(steps), 1)
 
+    def poly_iterations(self) -> int:
+        """Length of the poly schedules: ``poly_iters``, else the run's iterations (the LR reaches 0 after
+        the last one)."""
+        return int(self.hparams.poly_iters or self.max_iterations())
+
+    def configure_extra_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Optimizers of the method's own networks, after the segmenter's; each gets its own poly schedule."""
+        return []
+
     def configure_optimizers(self):
         base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
         if base_lr is None:
             raise ConfigValueError("optimizer.lr must be set: the poly schedule and the head multiplier scale it")
-        optimizer = self.optimizer_factory(params=self.parameter_groups(base_lr))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(self.max_iterations(), self.hparams.poly_power))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        optimizers = [self.optimizer_factory(params=self.parameter_groups(base_lr)), *self.configure_extra_optimizers()]
+        factor = poly_lambda(self.poly_iterations(), self.hparams.poly_power)
+        configs = [{"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
+                                                       "interval": "step", "frequency": 1}} for opt in optimizers]
+        return configs[0] if len(configs) == 1 else configs
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_weights_finite("when saving a checkpoint")

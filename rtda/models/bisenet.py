@@ -6,7 +6,9 @@
   average (the "tail"), both are upsampled to 1/8 and concatenated;
 * feature fusion module (FFM): concat(spatial, context) -> 3x3 conv-BN-ReLU -> channel attention,
   added back; then x8 bilinear upsampling and a final 1x1 conv;
-* two auxiliary 1x1 heads on the two context features, used only in training (loss weight 1 each).
+* two auxiliary 1x1 heads on the two context features (``context16``, ``context32``), used only in
+  training (loss weight 1 each); ``adaptation_levels`` may expose either as an output space for
+  multi-level adaptation (rtda's option: AdaptSegNet's multi-level recipe is for DeepLabV2).
 
 As in the course template (and ooooverflow/BiSeNet it derives from), the FFM's conv already outputs
 ``num_classes`` channels rather than the paper's 256; this keeps parameter and FLOP counts comparable
@@ -21,6 +23,7 @@ from torch import nn
 from torchvision import models
 
 from rtda.errors import ConfigValueError
+from rtda.models.outputs import SegmentationOutputs
 from rtda.models.pretrained import PretrainedWeightsError, file_state_dict, load_matching, registry_state_dict
 
 _BACKBONES = {
@@ -94,14 +97,30 @@ class ContextPath(nn.Module):
 
 
 class BiSeNet(nn.Module):
-    """BiSeNet V1. ``forward`` returns logits at the input size; in training mode it also returns the two
-    auxiliary logits: ``(main, aux16, aux32)``. ``aux_weights`` are their loss weights (the paper's alpha=1)."""
+    """BiSeNet V1. ``forward`` returns logits at the input size; in training mode it returns
+    :class:`SegmentationOutputs` with the two auxiliary heads under ``aux`` (``context16``, ``context32``).
+
+    Args:
+        aux_weights: loss weight of each auxiliary head by name (the paper's alpha = 1); a head left out is
+            not supervised.
+        adaptation_levels: auxiliary heads also exposed as output spaces to adapt (default none).
+    """
+
+    AUX_HEADS = ("context16", "context32")
 
     def __init__(self, num_classes: int = 19, backbone: str = "resnet18", pretrained: bool | str = False,
-                 aux_weights: tuple[float, ...] = (1.0, 1.0)):
+                 aux_weights: dict[str, float] | None = None, adaptation_levels: tuple[str, ...] = ()):
         super().__init__()
         if backbone not in _BACKBONES:
             raise ConfigValueError(f"model.backbone={backbone!r}: expected one of {sorted(_BACKBONES)}")
+        if aux_weights is None:
+            aux_weights = dict.fromkeys(self.AUX_HEADS, 1.0)
+        elif not hasattr(aux_weights, "keys"):  # a list in head order, as checkpoints before named outputs saved it
+            aux_weights = dict(zip(self.AUX_HEADS, aux_weights))
+        aux_weights = dict(aux_weights)
+        unknown = (set(aux_weights) | set(adaptation_levels)) - set(self.AUX_HEADS)
+        if unknown:
+            raise ConfigValueError(f"BiSeNet has no auxiliary head {sorted(unknown)}: its heads are {list(self.AUX_HEADS)}")
         c16, c32 = _BACKBONES[backbone][2:]
         self.spatial_path = SpatialPath()
         self.context_path = ContextPath(backbone)
@@ -111,7 +130,8 @@ class BiSeNet(nn.Module):
         self.aux32 = nn.Conv2d(c32, num_classes, 1)
         self.ffm = FeatureFusion(256 + c16 + c32, num_classes)
         self.classifier = nn.Conv2d(num_classes, num_classes, 1)
-        self.aux_weights = tuple(aux_weights)
+        self.aux_weights = aux_weights
+        self.adaptation_levels = tuple(adaptation_levels)
         self._init_head()
         if pretrained:
             weights = _BACKBONES[backbone][1]
@@ -144,6 +164,7 @@ class BiSeNet(nn.Module):
         out = self.classifier(F.interpolate(fused, size=size, mode="bilinear", align_corners=False))
         if not self.training:
             return out
-        aux16 = F.interpolate(self.aux16(c16), size=size, mode="bilinear", align_corners=False)
-        aux32 = F.interpolate(self.aux32(c32), size=size, mode="bilinear", align_corners=False)
-        return out, aux16, aux32
+        heads = {"context16": F.interpolate(self.aux16(c16), size=size, mode="bilinear", align_corners=False),
+                 "context32": F.interpolate(self.aux32(c32), size=size, mode="bilinear", align_corners=False)}
+        return SegmentationOutputs(out, aux={k: heads[k] for k in self.aux_weights},
+                                   levels={k: heads[k] for k in self.adaptation_levels})

@@ -4,10 +4,12 @@
   the stem's max-pool uses ``ceil_mode=True`` as in the Caffe model;
 * the ASPP classifier *sums* four 3x3 convolutions with dilations 6, 12, 18, 24 (with bias,
   weights ~ N(0, 0.01)), without the image-pooling branch of DeepLabV3;
-* all BatchNorm layers frozen (statistics and affine parameters), as the official code trains with
-  batch size 1; the classifier gets 10x the backbone's learning rate (``head_lr_mult``);
-* ``multi_level=True`` adds the second classifier on ``layer3`` that AdaptSegNet's multi-level variant
-  uses, weighted 0.1 in the segmentation loss (``aux_weights``).
+* all BatchNorm layers frozen (statistics and affine parameters: :class:`FrozenBatchNorm2d`, which stays
+  frozen under SyncBatchNorm conversion), as the official code trains with batch size 1; the classifier
+  gets 10x the backbone's learning rate (``head_lr_mult``);
+* ``multi_level=True`` adds the second classifier on ``layer3`` that AdaptSegNet's / ADVENT's multi-level
+  variant uses: a deep-supervision head weighted 0.1 in the segmentation loss (``aux_weights``) and an
+  adaptation level (``adaptation_levels``), both named ``layer3``.
 
 Single-level for 19 classes has 43,901,068 parameters, as in the official code.
 
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet101_Weights
 
+from rtda.models.frozen_bn import FrozenBatchNorm2d
+from rtda.models.outputs import SegmentationOutputs
 from rtda.models.pretrained import PretrainedWeightsError, file_state_dict, load_matching, registry_state_dict
 
 
@@ -36,15 +40,15 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None,
-                 stride_in_1x1: bool = False):
+                 stride_in_1x1: bool = False, norm_layer: type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=s1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm_layer(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=s3, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.bn3 = norm_layer(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -77,19 +81,21 @@ class ASPPClassifier(nn.Module):
 
 class DeepLabV2(nn.Module):
     """DeepLabV2-ResNet101. ``forward`` returns logits at the input size; with ``multi_level`` it returns
-    ``(main, aux)`` in training mode (main from ``layer4``, aux from ``layer3``)."""
+    :class:`SegmentationOutputs` in training mode (``out`` from ``layer4``; ``layer3``'s classifier as an
+    auxiliary head and as an adaptation level)."""
 
     head_lr_mult = 10.0
 
     def __init__(self, num_classes: int = 19, pretrained: bool | str = False, multi_level: bool = False,
-                 layers=(3, 4, 23, 3), stride_in_1x1: bool | None = None, aux_weights: tuple[float, ...] = (0.1,),
+                 layers=(3, 4, 23, 3), stride_in_1x1: bool | None = None, aux_weights: dict[str, float] | None = None,
                  freeze_bn: bool = True):
         super().__init__()
+        self.norm_layer = FrozenBatchNorm2d if freeze_bn else nn.BatchNorm2d
         from_file = bool(pretrained) and not (pretrained is True or str(pretrained).lower() in ("true", "imagenet"))
         self.stride_in_1x1 = from_file if stride_in_1x1 is None else stride_in_1x1
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = self.norm_layer(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
         self.layer1 = self._make_layer(64, layers[0])
@@ -98,16 +104,16 @@ class DeepLabV2(nn.Module):
         self.layer4 = self._make_layer(512, layers[3], dilation=4)
         self.classifier = ASPPClassifier(2048, num_classes)
         self.aux_classifier = ASPPClassifier(1024, num_classes) if multi_level else None
-        self.aux_weights = tuple(aux_weights) if multi_level else ()
+        if aux_weights is None:
+            aux_weights = {"layer3": 0.1}
+        elif not hasattr(aux_weights, "keys"):  # a list, as checkpoints before named outputs saved it
+            aux_weights = dict(zip(("layer3",), aux_weights))
+        self.aux_weights = dict(aux_weights) if multi_level else {}
+        self.adaptation_levels = ("layer3",) if multi_level else ()
         self.freeze_bn = freeze_bn
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m not in self._classifier_convs():
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        if freeze_bn:
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.weight.requires_grad_(False)
-                    m.bias.requires_grad_(False)
         if pretrained:
             if from_file:
                 self.load_backbone(file_state_dict(pretrained), str(pretrained))
@@ -121,10 +127,12 @@ class DeepLabV2(nn.Module):
     def _make_layer(self, planes: int, blocks: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * 4 or dilation in (2, 4):
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4))
-        layers = [Bottleneck(self.inplanes, planes, stride, dilation, downsample, self.stride_in_1x1)]
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
+                                       self.norm_layer(planes * 4))
+        layers = [Bottleneck(self.inplanes, planes, stride, dilation, downsample, self.stride_in_1x1, self.norm_layer)]
         self.inplanes = planes * 4
-        layers += [Bottleneck(self.inplanes, planes, 1, dilation, None, self.stride_in_1x1) for _ in range(1, blocks)]
+        layers += [Bottleneck(self.inplanes, planes, 1, dilation, None, self.stride_in_1x1, self.norm_layer)
+                   for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def load_backbone(self, state: dict, source: str) -> None:
@@ -142,14 +150,6 @@ class DeepLabV2(nn.Module):
             heads |= {id(p) for p in self.aux_classifier.parameters()}
         return (p for p in self.parameters() if id(p) not in heads)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.freeze_bn:  # frozen statistics: BatchNorm stays in eval mode
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
-        return self
-
     def forward(self, x: torch.Tensor):
         size = x.shape[-2:]
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -159,5 +159,5 @@ class DeepLabV2(nn.Module):
         out = F.interpolate(self.classifier(f4), size=size, mode="bilinear", align_corners=False)
         if self.training and self.aux_classifier is not None:
             aux = F.interpolate(self.aux_classifier(f3), size=size, mode="bilinear", align_corners=False)
-            return out, aux
+            return SegmentationOutputs(out, aux={k: aux for k in self.aux_weights}, levels={"layer3": aux})
         return out
