@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from rtda import config as rtda_config
@@ -213,6 +214,7 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
         "tested_weights": cfg.get("test_ckpt", "last"),
         "warnings": warnings_seen,
         "decode_failures": module.decode_failures,
+        "seconds_per_iteration": float(np.median(module.step_seconds)) if module.step_seconds else None,
     }
     if results["test"]:
         results["test/mIoU"] = results["test"]["mIoU"]

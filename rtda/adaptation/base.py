@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -112,6 +113,8 @@ class SegmentationModule(pl.LightningModule):
         self.run_config: dict | None = None  # config, overrides and choices of the run, saved into checkpoints
         self.test_results: dict | None = None
         self.decode_failures: dict[str, int] = {}  # training files that failed to decode -> times replaced
+        self.step_seconds: list[float] = []  # wall time of each training step (the batch already loaded)
+        self._step_start = 0.0
         self._counted_iteration = -1  # the iteration whose optimizer step Lightning counted last
         self.configure_models()
         self.configure_losses()
@@ -206,7 +209,9 @@ class SegmentationModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         """Count the training files that failed to decode and were replaced (``"skipped"`` in the batch);
-        warn once per file."""
+        warn once per file. Starts the step's clock (the method's cost per iteration, without data loading
+        and validation, is reported in results.json)."""
+        self._step_start = time.perf_counter()
         for domain in batch.values():
             for entry in (domain.get("skipped", ()) if isinstance(domain, dict) else ()):
                 for path in filter(None, entry.split(os.pathsep)):
@@ -261,6 +266,7 @@ class SegmentationModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Stop at the first non-finite loss. ``training_step`` returns its loss, or a dict of named losses
         (every method does): one flag is reduced across processes so that all ranks stop together."""
+        self.step_seconds.append(time.perf_counter() - self._step_start)
         if isinstance(outputs, torch.Tensor):
             outputs = {"loss": outputs}
         losses = {k: v for k, v in (outputs or {}).items() if isinstance(v, torch.Tensor)}
