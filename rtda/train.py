@@ -161,6 +161,7 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
     module = hydra.utils.instantiate(cfg.adaptation, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer))
     state["module"] = module
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["model"].update(getattr(net, "rebuild_kwargs", {}))  # what the weights decided, to rebuild without them
     # saved in every checkpoint: the resolved config (what the weights need) and the command line that made
     # it (so rtda-eval can recompose the run's data with today's paths)
     module.run_config = {"config": resolved, "overrides": record["overrides"], "choices": record["choices"]}

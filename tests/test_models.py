@@ -1,5 +1,7 @@
+import numpy as np
 import pytest
 import torch
+from torch import nn
 from torchvision import models
 
 from rtda.errors import ConfigValueError
@@ -87,6 +89,18 @@ def test_deeplabv2_loads_official_style_init_and_skips_a_foreign_classifier(tmp_
     assert net.layer2[0].conv1.stride == (2, 2)
     torch.testing.assert_close(net.layer4[2].conv3.weight, donor.layer4[2].conv3.weight)
     assert net.classifier.conv2d_list[0].weight.shape[0] == 19  # 21-class head not loaded
+    assert net.input_style == "caffe" and net.rebuild_kwargs == {"stride_in_1x1": True, "input_style": "caffe"}
+    # what the first convolution sees: the image as BGR 0-255 minus the Caffe mean (the official loaders'
+    # preprocessing), converted by the network from rtda's ImageNet-normalised RGB input
+    from rtda.data.transforms import SegmentationTransform
+
+    rgb = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    x = SegmentationTransform()(rgb)["image"][None]
+    seen = {}
+    net.conv1.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    net.eval()(x)
+    expected = rgb[..., ::-1].astype(np.float64) - np.array([104.00698793, 116.66876762, 122.67891434])
+    np.testing.assert_allclose(seen["x"][0].permute(1, 2, 0).double().numpy(), expected, atol=1e-3)
 
 
 def test_deeplabv2_loads_torchvision_resnet101(tmp_path):
@@ -94,5 +108,19 @@ def test_deeplabv2_loads_torchvision_resnet101(tmp_path):
 
     ref = models.resnet101(weights=None)
     torch.save(ref.state_dict(), tmp_path / "resnet101.pth")
-    net = DeepLabV2(19, pretrained=str(tmp_path / "resnet101.pth"), stride_in_1x1=False)
+    net = DeepLabV2(19, pretrained=str(tmp_path / "resnet101.pth"))
     torch.testing.assert_close(net.layer3[10].conv2.weight, ref.layer3[10].conv2.weight)
+    assert net.rebuild_kwargs == {"stride_in_1x1": False, "input_style": "imagenet"}  # torchvision names: its conventions
+
+
+def test_deeplabv2_affine_frozen_batchnorm_is_the_official_behaviour():
+    from rtda.models.deeplabv2 import DeepLabV2
+
+    net = DeepLabV2(19, layers=(1, 1, 1, 1), freeze_bn="affine").train()
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(not m.weight.requires_grad and not m.bias.requires_grad for m in bns)
+    before = net.bn1.running_mean.clone()
+    net(torch.randn(1, 3, 33, 33))  # batch statistics in training, and the running statistics move
+    assert not torch.equal(before, net.bn1.running_mean)
+    with pytest.raises(ValueError, match="model.freeze_bn='stats'"):
+        DeepLabV2(19, layers=(1, 1, 1, 1), freeze_bn="stats")

@@ -3,10 +3,16 @@
 * ResNet-101 with ``layer3`` and ``layer4`` dilated (2 and 4) instead of strided: output stride 8;
   the stem's max-pool uses ``ceil_mode=True`` as in the Caffe model;
 * the ASPP classifier *sums* four 3x3 convolutions with dilations 6, 12, 18, 24 (with bias,
-  weights ~ N(0, 0.01)), without the image-pooling branch of DeepLabV3;
-* all BatchNorm layers frozen (statistics and affine parameters: :class:`FrozenBatchNorm2d`, which stays
-  frozen under SyncBatchNorm conversion), as the official code trains with batch size 1; the classifier
-  gets 10x the backbone's learning rate (``head_lr_mult``);
+  weights ~ N(0, 0.01)), without the image-pooling branch of DeepLabV3, as the paper and ADVENT / FDA.
+  (AdaptSegNet's ``deeplab_multi.py`` returns inside its loop, so the model behind its 41.4 / 42.4 sums
+  only the dilation-6 and -12 branches: a bug its authors acknowledged; rtda does not reproduce it);
+* BatchNorm (``freeze_bn``): the official code freezes the affine terms only and trains in ``train()``
+  mode, so at batch size 1 each image is normalised with its own statistics and every source *and
+  target* forward moves the running statistics that evaluation uses: ``freeze_bn=affine`` reproduces
+  that. rtda's default ``freeze_bn=true`` freezes the statistics too (:class:`FrozenBatchNorm2d`, which no
+  SyncBatchNorm conversion can thaw): the usual practice for a pretrained DeepLab at small batch
+  (mmsegmentation's), independent of how many target images pass and of DDP. ``false``: plain BatchNorm.
+  The classifier gets 10x the backbone's learning rate (``head_lr_mult``);
 * ``multi_level=True`` adds the second classifier on ``layer3`` that AdaptSegNet's / ADVENT's multi-level
   variant uses: a deep-supervision head weighted 0.1 in the segmentation loss (``aux_weights``) and an
   adaptation level (``adaptation_levels``), both named ``layer3``.
@@ -16,8 +22,12 @@ Single-level for 19 classes has 43,901,068 parameters, as in the official code.
 Initialisation: ``pretrained=true`` loads torchvision's ImageNet ResNet-101; a file path loads either
 torchvision-style weights or the official DeepLab (MS-COCO) init ``DeepLab_resnet_pretrained_init-f81d91e8.pth``
 that the papers start from (its 21/91-class classifier is skipped when the shapes differ, as the official
-scripts do). The Caffe-derived DeepLab weights put the stride in each block's first 1x1 convolution;
-``stride_in_1x1`` (default: true for a file, false for torchvision weights) follows the weights.
+scripts do). The Caffe-derived DeepLab weights (recognised by their ``Scale.`` / ``layer5.`` names) put
+the stride in each block's first 1x1 convolution and expect BGR images in 0-255 minus the Caffe mean
+(104.01, 116.67, 122.68) without scaling: ``stride_in_1x1`` and ``input_style`` (null: follow the weights)
+make the network convert rtda's ImageNet-normalised RGB input itself, on the device, so data pipelines,
+rtda-eval and rtda-bench stay the same for every network. Both resolved values are saved with the run
+(``rebuild_kwargs``), so a checkpoint is rebuilt exactly without the weights file.
 
 Deliberate difference: logits are upsampled to the input size inside ``forward`` with
 ``align_corners=False`` (the official training loop upsamples outside with ``align_corners=True``), so
@@ -31,9 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet101_Weights
 
+from rtda.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from rtda.errors import ConfigValueError
 from rtda.models.frozen_bn import FrozenBatchNorm2d
 from rtda.models.outputs import SegmentationOutputs
 from rtda.models.pretrained import PretrainedWeightsError, file_state_dict, load_matching, registry_state_dict
+
+#: the per-channel mean (B, G, R, 0-255) the Caffe DeepLab weights were trained with (official loaders' IMG_MEAN)
+CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 
 
 class Bottleneck(nn.Module):
@@ -88,11 +103,23 @@ class DeepLabV2(nn.Module):
 
     def __init__(self, num_classes: int = 19, pretrained: bool | str = False, multi_level: bool = False,
                  layers=(3, 4, 23, 3), stride_in_1x1: bool | None = None, aux_weights: dict[str, float] | None = None,
-                 freeze_bn: bool = True):
+                 freeze_bn: bool | str = True, input_style: str | None = None):
         super().__init__()
-        self.norm_layer = FrozenBatchNorm2d if freeze_bn else nn.BatchNorm2d
+        if freeze_bn not in (True, False, "affine"):
+            raise ConfigValueError(f"model.freeze_bn={freeze_bn!r}: expected true, affine or false")
+        if input_style not in (None, "imagenet", "caffe"):
+            raise ConfigValueError(f"model.input_style={input_style!r}: expected imagenet, caffe or null")
+        self.norm_layer = FrozenBatchNorm2d if freeze_bn is True else nn.BatchNorm2d
         from_file = bool(pretrained) and not (pretrained is True or str(pretrained).lower() in ("true", "imagenet"))
-        self.stride_in_1x1 = from_file if stride_in_1x1 is None else stride_in_1x1
+        state = file_state_dict(pretrained) if from_file else None
+        caffe = state is not None and any(k.startswith(("Scale.", "layer5.")) for k in state)
+        self.stride_in_1x1 = caffe if stride_in_1x1 is None else bool(stride_in_1x1)
+        self.input_style = input_style or ("caffe" if caffe else "imagenet")
+        # ImageNet-normalised RGB -> BGR 0-255 minus the Caffe mean: x_bgr * scale + shift
+        mean, std = torch.tensor(IMAGENET_MEAN).flip(0), torch.tensor(IMAGENET_STD).flip(0)
+        self.register_buffer("caffe_scale", (std * 255).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("caffe_shift", (mean * 255 - torch.tensor(CAFFE_MEAN_BGR)).view(1, 3, 1, 1),
+                             persistent=False)
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = self.norm_layer(64)
@@ -114,9 +141,14 @@ class DeepLabV2(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m not in self._classifier_convs():
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if freeze_bn == "affine":  # the official code: batch statistics in training, affine terms fixed
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.requires_grad_(False)
+                    m.bias.requires_grad_(False)
         if pretrained:
             if from_file:
-                self.load_backbone(file_state_dict(pretrained), str(pretrained))
+                self.load_backbone(state, str(pretrained))
             else:
                 self.load_backbone(registry_state_dict(ResNet101_Weights.IMAGENET1K_V1), str(ResNet101_Weights.IMAGENET1K_V1))
 
@@ -150,8 +182,15 @@ class DeepLabV2(nn.Module):
             heads |= {id(p) for p in self.aux_classifier.parameters()}
         return (p for p in self.parameters() if id(p) not in heads)
 
+    @property
+    def rebuild_kwargs(self) -> dict:
+        """What the weights decided (``null`` in the config), saved with the run to rebuild it without them."""
+        return {"stride_in_1x1": self.stride_in_1x1, "input_style": self.input_style}
+
     def forward(self, x: torch.Tensor):
         size = x.shape[-2:]
+        if self.input_style == "caffe":
+            x = x.flip(1) * self.caffe_scale + self.caffe_shift
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer2(self.layer1(x))
         f3 = self.layer3(x)
