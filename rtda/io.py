@@ -57,7 +57,7 @@ def build_once(root: str | Path, is_complete: Callable[[Path], bool], build: Cal
     root = Path(root)
     if is_complete(root):
         return False
-    root.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(root.parent, f"{root.name} (data rtda generates)")
     with FileLock(str(root.with_name(root.name + ".lock"))):
         if is_complete(root):  # another process built it while this one waited
             return False

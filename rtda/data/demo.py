@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from rtda.data.labels import ID_PALETTE, NAME_TO_ID
+from rtda.errors import run_cli
 from rtda.io import build_once
 
 GENERATOR_VERSION = 2
@@ -477,14 +478,14 @@ def main(argv=None) -> None:
     parser.add_argument("--target-train-count", type=int, default=DemoSpec.target_train_count)
     parser.add_argument("--target-val-count", type=int, default=DemoSpec.target_val_count)
     args = parser.parse_args(argv)
-    ensure_demo(
+    run_cli(lambda: ensure_demo(
         args.root,
         seed=args.seed,
         gap=args.gap,
         source_count=args.source_count,
         target_train_count=args.target_train_count,
         target_val_count=args.target_val_count,
-    )
+    ))
 
 
 if __name__ == "__main__":

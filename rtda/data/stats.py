@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from rtda.data.cityscapes import Cityscapes
 from rtda.data.gta5 import GTA5
 from rtda.data.labels import CLASS_NAMES, NUM_CLASSES
+from rtda.errors import run_cli
 from rtda.io import atomic_write_text
 
 READERS = {"gta5": GTA5, "cityscapes": Cityscapes}
@@ -88,7 +89,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     split = args.split or ("all" if args.dataset == "gta5" else "train")
-    stats = cached_class_stats(args.dataset, args.root, split, args.workers)
+    stats = {}
+    run_cli(lambda: stats.update(cached_class_stats(args.dataset, args.root, split, args.workers)))
     print(f"{args.dataset} {split}: {stats['images']} images, {stats['ignored_pixels']} ignored pixels")
     for name in CLASS_NAMES:
         print(f"  {name:<14} {100 * stats['frequency'][name]:7.3f}%  in {stats['images_containing'][name]} images")
