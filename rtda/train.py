@@ -127,7 +127,9 @@ def train(cfg: DictConfig) -> dict:
         failed = {
             **record,
             "status": "failed",
-            "error": one_line(err) if not isinstance(err, KeyboardInterrupt) else "interrupted",
+            "error": ("interrupted" if isinstance(err, KeyboardInterrupt) else  # Lightning turns Ctrl+C into exit(1)
+                      f"stopped (exit status {err.code}): interrupted or killed" if isinstance(err, SystemExit)
+                      else one_line(err)),
             "error_type": type(err).__name__,
             "last_checkpoint": str(last.resolve()) if last is not None and last.is_file() else None,
             "decode_failures": getattr(module, "decode_failures", {}),
