@@ -67,9 +67,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 def one_line(err: BaseException) -> str:
     """The error's message on one line: Hydra's option lists and DataLoader worker tracebacks folded; a
     user error raised while Hydra instantiated a config node is shown as itself."""
-    cause = err.__cause__
-    if cause is not None and type(err).__name__ == "InstantiationException" and isinstance(cause, user_error_types()):
-        return one_line(cause)
+    from hydra.errors import InstantiationException
+
+    if isinstance(err, InstantiationException) and isinstance(err.__cause__, user_error_types()):
+        return one_line(err.__cause__)
     text = str(err).strip()
     if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the worker's own message
         text = text.strip().splitlines()[-1].split(": ", 1)[-1]
