@@ -266,11 +266,12 @@ class SegmentationModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Stop at the first non-finite loss. ``training_step`` returns its loss, or a dict of named losses
         (every method does): one flag is reduced across processes so that all ranks stop together."""
-        self.step_seconds.append(time.perf_counter() - self._step_start)
         if isinstance(outputs, torch.Tensor):
             outputs = {"loss": outputs}
         losses = {k: v for k, v in (outputs or {}).items() if isinstance(v, torch.Tensor)}
-        finite = all(bool(torch.isfinite(v.detach()).all()) for v in losses.values())
+        # one host sync per iteration for all losses (a NaN or inf anywhere makes the mean non-finite)
+        finite = not losses or bool(torch.isfinite(torch.stack([v.detach().float().mean() for v in losses.values()])).all())
+        self.step_seconds.append(time.perf_counter() - self._step_start)  # after that sync: the step's real time
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             bad = {k: float(v.detach().float().mean()) for k, v in losses.items() if not torch.isfinite(v.detach()).all()}
             where = ", ".join(f"{k} = {v}" for k, v in bad.items()) or "a loss on another process is not finite"
