@@ -14,16 +14,22 @@ import sys
 from collections.abc import Sequence
 
 
+def this_job_command(*extra: str) -> list[str]:
+    """The running Hydra job as a single-run command: its resolved overrides (a sweep's values included),
+    in its own output folder, without writing the Hydra config again."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    return [sys.executable, os.path.abspath(sys.argv[0]), *hc.overrides.task,
+            f'hydra.run.dir="{hc.runtime.output_dir}"', "hydra.output_subdir=null", *extra]
+
+
 def rank_command(local_rank: int) -> tuple[Sequence[str], str]:
     """(command, working folder) of the process for ``local_rank`` of the running Hydra job."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd
 
-    hc = HydraConfig.get()
-    command = [sys.executable, os.path.abspath(sys.argv[0]), *hc.overrides.task]
-    command += [f'hydra.run.dir="{hc.runtime.output_dir}"', "hydra.output_subdir=null",
-                f"hydra.job.name={hc.job.name}_rank{local_rank}"]
-    return command, get_original_cwd()
+    return this_job_command(f"hydra.job.name={HydraConfig.get().job.name}_rank{local_rank}"), get_original_cwd()
 
 
 def use_rtda_ddp_children() -> None:
@@ -64,9 +70,4 @@ def run_job_as_own_command() -> int:
     """
     import subprocess
 
-    from hydra.core.hydra_config import HydraConfig
-
-    hc = HydraConfig.get()
-    command = [sys.executable, os.path.abspath(sys.argv[0]), *hc.overrides.task,
-               f'hydra.run.dir="{hc.runtime.output_dir}"', "hydra.output_subdir=null"]
-    return subprocess.run(command, cwd=os.getcwd()).returncode
+    return subprocess.run(this_job_command(), cwd=os.getcwd()).returncode
