@@ -131,7 +131,7 @@ def test_corrupt_image_is_named(tmp_path):
 def test_transform_resizes_jointly_and_keeps_full_res_eval_labels(tmp_path):
     _cityscapes_tree(tmp_path)
     train = Cityscapes(tmp_path, "val", transform=SegmentationTransform((4, 8)))[0]
-    assert train["image"].shape == (3, 4, 8) and train["image"].dtype == torch.float32
+    assert train["image"].shape == (3, 4, 8) and train["image"].dtype == torch.uint8  # normalised on the device
     assert train["label"].shape == (4, 8) and train["label"].dtype == torch.long
     ev = Cityscapes(tmp_path, "val", transform=SegmentationTransform((4, 8), resize_label=False))
     s, raw = ev[0], ev.load(0)

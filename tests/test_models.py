@@ -92,10 +92,10 @@ def test_deeplabv2_loads_official_style_init_and_skips_a_foreign_classifier(tmp_
     assert net.input_style == "caffe" and net.rebuild_kwargs == {"stride_in_1x1": True, "input_style": "caffe"}
     # what the first convolution sees: the image as BGR 0-255 minus the Caffe mean (the official loaders'
     # preprocessing), converted by the network from rtda's ImageNet-normalised RGB input
-    from rtda.data.transforms import SegmentationTransform
+    from rtda.data.transforms import SegmentationTransform, normalize
 
     rgb = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)
-    x = SegmentationTransform()(rgb)["image"][None]
+    x = normalize(SegmentationTransform()(rgb)["image"][None])
     seen = {}
     net.conv1.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
     net.eval()(x)

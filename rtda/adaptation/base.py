@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtda.data.labels import CLASS_NAMES, IGNORE_INDEX
+from rtda.data.transforms import normalize
 from rtda.errors import ConfigValueError, TrainingDiverged
 from rtda.metrics import SegmentationMetrics
 from rtda.models.outputs import as_outputs, main_logits
@@ -140,12 +141,29 @@ class SegmentationModule(pl.LightningModule):
             return image.contiguous(memory_format=torch.channels_last)
         return image
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Every ``image`` of the batch (source, target or evaluation) in the network's memory format."""
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """0–255 images (as the data loaders deliver them) -> the network's normalised float input, in its
+        memory format."""
+        return self.to_memory_format(normalize(image))
+
+    def normalize_images(self, batch):
+        """Every ``image`` of a (nested) batch through :meth:`normalize`."""
         if isinstance(batch, dict):
-            return {k: (self.to_memory_format(v) if k == "image" and isinstance(v, torch.Tensor)
-                        else self.on_after_batch_transfer(v, dataloader_idx)) for k, v in batch.items()}
+            return {k: (self.normalize(v) if k == "image" and isinstance(v, torch.Tensor)
+                        else self.normalize_images(v)) for k, v in batch.items()}
         return batch
+
+    def transform_training_batch(self, batch: dict) -> dict:
+        """Batch-level operations on the raw 0–255 training images, on the device, before normalisation
+        (FDA's spectrum swap, mixing). None here."""
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """On the device, after the transfer: the method's batch transform on a training batch
+        (``{"source", "target"}``), then every image normalised (training, validation and test alike)."""
+        if isinstance(batch, dict) and "source" in batch:
+            batch = self.transform_training_batch(batch)
+        return self.normalize_images(batch)
 
     def segmentation_loss(self, outputs, label: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Cross-entropy on the main output plus each deep-supervision head weighted by ``net.aux_weights``;

@@ -2,8 +2,10 @@
 
 A :class:`SegmentationTransform` resizes to the training resolution, runs the augmentation list
 chosen by the ``augmentation`` config group (named albumentations transforms, instantiated by Hydra),
-normalises with the ImageNet statistics the torchvision backbones were trained with, and returns
-tensors. For evaluation, ``resize_label=False`` keeps the label at its full resolution: the network
+and returns tensors: the image stays ``uint8`` on the 0–255 scale. Normalisation (:func:`normalize`, the
+ImageNet statistics the torchvision backbones were trained with) runs on the device after the batch
+transfer, so batch-level operations that need raw pixels (FDA's spectrum swap, mixing) come first and a
+batch crosses to the GPU at a quarter of the float32 size. For evaluation, ``resize_label=False`` keeps the label at its full resolution: the network
 predicts at the training resolution and the logits are upsampled to the label (the protocol of the
 AdaptSegNet / ADVENT / FDA evaluation scripts).
 """
@@ -24,15 +26,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SegmentationTransform:
-    """``(image HxWx3 uint8, label HxW uint8 | None) -> {"image": 3xHxW float, "label": HxW long}``."""
+    """``(image HxWx3 uint8, label HxW uint8 | None) -> {"image": 3xHxW uint8 (0–255), "label": HxW long}``."""
 
     def __init__(
         self,
         size: Sequence[int] | None = None,
         augment: Sequence[A.BasicTransform] | Mapping[str, A.BasicTransform | None] = (),
         resize_label: bool = True,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
     ):
         self.size = tuple(size) if size is not None else None
         self.resize_label = resize_label
@@ -42,7 +42,6 @@ class SegmentationTransform:
         if isinstance(augment, Mapping):  # named steps from the config; null drops a step
             augment = [t for t in augment.values() if t is not None]
         steps += list(augment or ())
-        steps.append(A.Normalize(mean=mean, std=std))
         self.pipeline = A.Compose(steps)
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None = None) -> dict:
@@ -51,6 +50,8 @@ class SegmentationTransform:
             image, label = out["image"], out["mask"]
         else:
             image = self.pipeline(image=image)["image"]
+        if image.dtype != np.uint8:  # a float-valued augmentation: back to the 0-255 scale
+            image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
         sample = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}
         if label is not None:
             sample["label"] = torch.from_numpy(np.ascontiguousarray(label)).long()
@@ -58,3 +59,12 @@ class SegmentationTransform:
 
     def __repr__(self) -> str:
         return f"SegmentationTransform(size={self.size}, resize_label={self.resize_label}, pipeline={self.pipeline})"
+
+
+def normalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """``N×3×H×W`` (or ``3×H×W``) images on the 0–255 scale (uint8 or float) -> float32 ``(x / 255 - mean) / std``,
+    on the images' device, in their memory format."""
+    shape = (3, 1, 1) if image.ndim == 3 else (1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=image.device).view(shape) * 255.0
+    std_t = torch.tensor(std, dtype=torch.float32, device=image.device).view(shape) * 255.0
+    return (image.float() - mean_t) / std_t
