@@ -78,16 +78,11 @@ def replay_overrides(argv: list[str]) -> list[str]:
     return keep + argv
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    import pytorch_lightning as pl
-
+def load_module(cfg: DictConfig):
+    """The checkpoint paths of ``cfg.ckpt_path`` and a SegmentationModule holding their network (or their
+    softmax ensemble), each rebuilt from its own checkpoint."""
     from rtda.adaptation.base import SegmentationModule
-    from rtda.viz import colorize, overlay, plot_confusion_matrix, save_rgb
 
-    rtda_config.check_values(cfg)
-    if cfg.split not in ("val", "test"):
-        raise ConfigValueError(f"split={cfg.split!r}: expected val or test")
-    output_dir = check_writable(cfg.paths.output_dir, "the evaluation's results")
     if not cfg.get("ckpt_path"):
         raise ConfigValueError("ckpt_path is required: rtda-eval ckpt_path=<run>/checkpoints/last.ckpt "
                                "(or a list [a.ckpt,b.ckpt] for an ensemble)")
@@ -100,10 +95,82 @@ def evaluate(cfg: DictConfig) -> dict:
                                   f"has data.num_classes={cfg.data.num_classes}")
     nets = [build_net(c, p) for c, p in zip(ckpts, paths)]
     net = nets[0] if len(nets) == 1 else SoftmaxEnsemble(nets)
-    data_kwargs = {"test": cfg.data.val} if cfg.split == "val" else {}
-    datamodule = hydra.utils.instantiate(cfg.data, **data_kwargs)
     channels_last = ckpts[0]["rtda"]["config"].get("adaptation", {}).get("channels_last", True)  # as the run scored
     module = SegmentationModule(net=net, num_classes=cfg.data.num_classes, num_log_images=0, channels_last=channels_last)
+    return paths, module
+
+
+def write_pseudo_labels(cfg: DictConfig) -> dict:
+    """``rtda-eval ckpt_path=[…] pseudo_labels.out=OUT``: FDA's pseudo-labels of the target training split
+    (``data.target``) from the checkpoint(s)' softmax average, as a Cityscapes label tree under OUT, predicted
+    at ``data.eval_size`` (:mod:`rtda.adaptation.pseudo_labels`). Written once, atomically; a second call
+    with the same inputs reuses it."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from rtda.adaptation.pseudo_labels import manifest_matches, write_pseudo_label_tree
+    from rtda.data.cityscapes import Cityscapes
+    from rtda.data.transforms import SegmentationTransform
+    from rtda.io import build_once
+
+    out = Path(cfg.pseudo_labels.out).expanduser().resolve()
+    paths, module = load_module(cfg)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    factory = datamodule.factories["target"]
+    if factory is None:
+        raise ConfigValueError(f"pseudo_labels.out needs a target training set, and data={rtda_config.choices().get('data')} "
+                               "has none (data.target is null)")
+    datamodule.prepare_data()
+    dataset = factory(transform=SegmentationTransform(datamodule.sizes["eval"]), labelled=False, label_root=None)
+    if not isinstance(dataset, Cityscapes):
+        raise ConfigValueError(f"pseudo_labels.out writes a Cityscapes label tree; data.target is {type(dataset).__name__}")
+    manifest = {"checkpoints": [str(Path(p).resolve()) for p in paths], "image_root": str(dataset.root), "split": dataset.split,
+                "size": list(datamodule.sizes["eval"] or []), "quantile": cfg.pseudo_labels.quantile, "cap": cfg.pseudo_labels.cap}
+    if out.exists() and not manifest_matches(out, manifest):
+        raise ConfigValueError(f"pseudo_labels.out={out} already exists and was not written from these checkpoints and "
+                               "settings (its pseudo_labels.json differs or is missing): choose another folder or remove it")
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
+    module = module.to(device).eval()
+    ensemble = isinstance(module.net, SoftmaxEnsemble)
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        scores = module.predict_logits(module.normalize(images.to(device)))
+        return scores if ensemble else scores.softmax(dim=1)
+
+    loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, shuffle=False, num_workers=datamodule.num_workers)
+    summary = {}
+
+    def build(tmp: Path) -> None:
+        summary.update(write_pseudo_label_tree(
+            predict, loader, dataset.image_paths, dataset.root / "leftImg8bit" / dataset.split, tmp, dataset.split,
+            cfg.data.num_classes, cfg.pseudo_labels.quantile, cfg.pseudo_labels.cap,
+            progress=lambda it, desc: tqdm(it, desc=desc, total=len(loader))))
+        atomic_write_text(tmp / "pseudo_labels.json", json.dumps({**manifest, **summary}, indent=2))
+
+    if not build_once(out, lambda root: manifest_matches(root, manifest), build):
+        summary = json.loads((out / "pseudo_labels.json").read_text())
+        print(f"pseudo-labels already written from these checkpoints: {out}")
+    thresholds = ", ".join(f"{n} {t:.3f}" for n, t in zip(module.class_names, summary["thresholds"]))
+    print(f"pseudo-labels of {len(dataset)} target images ({dataset.split}) in {out}\n"
+          f"kept {100 * summary['kept_share']:.1f}% of the pixels; thresholds: {thresholds}\n"
+          f"train on them: rtda-train adaptation=fda_ssl data.target.label_root={out}")
+    return {"test/mIoU": float("nan"), "pseudo_labels": str(out), **summary}
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    import pytorch_lightning as pl
+
+    from rtda.viz import colorize, overlay, plot_confusion_matrix, save_rgb
+
+    rtda_config.check_values(cfg)
+    if cfg.get("pseudo_labels") and cfg.pseudo_labels.get("out"):
+        return write_pseudo_labels(cfg)
+    if cfg.split not in ("val", "test"):
+        raise ConfigValueError(f"split={cfg.split!r}: expected val or test")
+    output_dir = check_writable(cfg.paths.output_dir, "the evaluation's results")
+    paths, module = load_module(cfg)
+    data_kwargs = {"test": cfg.data.val} if cfg.split == "val" else {}
+    datamodule = hydra.utils.instantiate(cfg.data, **data_kwargs)
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, logger=False,
                          enable_checkpointing=False, default_root_dir=output_dir, enable_model_summary=False)
     trainer.test(module, datamodule=datamodule)
@@ -127,7 +194,7 @@ def evaluate(cfg: DictConfig) -> dict:
         for i in range(min(n, len(dataset))):
             sample, raw = dataset[i], dataset.load(i)
             size = raw["image"].shape[:2]
-            pred = module.predict_logits(sample["image"][None], size).argmax(dim=1)[0].numpy()
+            pred = module.predict_logits(module.normalize(sample["image"][None]), size).argmax(dim=1)[0].numpy()
             save_rgb(colorize(pred), folder / f"{sample['name']}_pred.png")
             save_rgb(overlay(raw["image"], pred), folder / f"{sample['name']}_overlay.png")
     atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))

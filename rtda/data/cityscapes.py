@@ -40,12 +40,18 @@ def _decode_train_ids(img: Image.Image) -> np.ndarray:
 
 
 class Cityscapes(SegmentationFiles):
-    """Cityscapes ``split`` (train / val / test). ``labelled=False`` reads images only (adaptation target)."""
+    """Cityscapes ``split`` (train / val / test). ``labelled=False`` reads images only (adaptation target).
+
+    ``label_root`` reads the labels from another tree of the same layout (``LABEL_ROOT/gtFine/{split}/CITY/
+    …_gtFine_labelTrainIds.png``), e.g. the pseudo-labels ``rtda-eval … pseudo_labels.out=LABEL_ROOT`` writes,
+    without copying the images; it implies ``labelled``."""
 
     name_suffix = "_leftImg8bit"
 
-    def __init__(self, root: str | Path, split: str = "train", transform=None, labelled: bool = True, check: bool = True):
+    def __init__(self, root: str | Path, split: str = "train", transform=None, labelled: bool = True, check: bool = True,
+                 label_root: str | Path | None = None):
         self.root, self.split = Path(root), split
+        self.label_root = Path(label_root) if label_root is not None else self.root
         self.dataset_name = f"Cityscapes {self.root} ({split})"
         tree = EXPECTED_TREE.replace("{split}", split)
         image_dir = require_dir(self.root / "leftImg8bit" / split, "Cityscapes", tree)
@@ -53,8 +59,10 @@ class Cityscapes(SegmentationFiles):
         if not images:
             raise DatasetFormatError(f"Cityscapes: no *{IMAGE_SUFFIX} files in {image_dir}/CITY/\nExpected:\n{tree}")
         labels, decode = None, None
-        if labelled:
-            label_dir = require_dir(self.root / "gtFine" / split, "Cityscapes", tree)
+        if labelled or label_root is not None:
+            if label_root is not None:
+                tree = tree.replace("ROOT/gtFine", "LABEL_ROOT/gtFine")
+            label_dir = require_dir(self.label_root / "gtFine" / split, "Cityscapes", tree)
             stems = [p.parent.name + "/" + p.name[: -len(IMAGE_SUFFIX)] for p in images]
             train_ids = [label_dir / f"{s}_gtFine_labelTrainIds.png" for s in stems]
             label_ids = [label_dir / f"{s}_gtFine_labelIds.png" for s in stems]

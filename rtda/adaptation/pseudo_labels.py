@@ -1,0 +1,236 @@
+"""Pseudo-labels of the target domain: the rules self-training methods share, and the command that writes them.
+
+:func:`fda_pseudo_labels` is FDA's rule (``getSudoLabel_multi.py``): each pixel takes the argmax of the
+ensemble's softmax; per class, over *all* images, the threshold is the confidence found at position
+``round(0.66·n)`` of that class's ascending-sorted confidences (pixels predicted as the class), capped at
+0.9; a pixel below its class's threshold becomes 255 (ignored). ``round`` is numpy's (half to even), as
+the script's ``np.round``; where that position is ``n`` (a class with one pixel) the script fails with an
+IndexError, and here the largest confidence is taken. An absent class has threshold 0 (nothing to reject).
+
+Thresholds over a whole split must not hold every softmax in memory (Cityscapes train: 2,975 maps of
+19×512×1024 floats, 117 GB). :class:`StreamingThresholds` finds the *exact* same per-class order statistic
+in two passes over the predictions, with memory independent of the split's size: pass 1 counts every
+class's confidences in a histogram keyed by the top 16 bits of their float32 representation (for positive
+floats that order is the numbers' order, so the bin holding the wanted rank is known exactly); pass 2 keeps
+only the confidences in that one bin per class (a few in a thousand), sorts them and reads the rank.
+:func:`write_pseudo_label_tree` runs the network twice and writes each label in pass 2, holding back only the
+pixels of those bins until the thresholds are known.
+
+The tree it writes is a Cityscapes label tree (``OUT/gtFine/{split}/CITY/CITY_…_gtFine_labelTrainIds.png``,
+at each image's own resolution: the labels are computed at the network's input size, as the authors do,
+and upsampled nearest) that the Cityscapes reader reads with ``label_root=OUT`` — images are not copied.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from rtda.data.labels import IGNORE_INDEX
+from rtda.errors import ConfigValueError, RtdaError
+
+_BINS = 1 << 16  # histogram bins per class: the top 16 bits of a float32
+
+
+def quantile_position(count: int, quantile: float) -> int:
+    """``np.round(count · quantile)`` (half to even), kept inside the sorted array."""
+    return min(int(np.round(count * quantile)), count - 1)
+
+
+def class_thresholds(confidence: torch.Tensor, label: torch.Tensor, num_classes: int, quantile: float = 0.66,
+                     cap: float = 0.9) -> torch.Tensor:
+    """Per-class thresholds (float64, length C) of FDA's rule for in-memory confidence/argmax maps."""
+    thresholds = torch.zeros(num_classes, dtype=torch.float64)
+    for c in range(num_classes):
+        values = confidence[label == c]
+        if values.numel():
+            thresholds[c] = float(values.sort().values[quantile_position(values.numel(), quantile)])
+    return thresholds.clamp(max=cap)
+
+
+def apply_thresholds(confidence: torch.Tensor, label: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``label`` with every pixel whose confidence is below its class's threshold set to 255."""
+    label = label.clone()
+    per_pixel = thresholds.to(confidence.device, torch.float64)[label.clamp(max=len(thresholds) - 1)]
+    label[confidence.double() < per_pixel] = IGNORE_INDEX
+    return label
+
+
+def fda_pseudo_labels(probs: torch.Tensor, quantile: float = 0.66, cap: float = 0.9) -> torch.Tensor:
+    """FDA's pseudo-labels of an in-memory ``N×C×H×W`` softmax: ``N×H×W`` long, 255 = rejected."""
+    confidence, label = probs.max(dim=1)
+    thresholds = class_thresholds(confidence, label, probs.shape[1], quantile, cap)
+    return apply_thresholds(confidence, label, thresholds).long()
+
+
+def _high_bits(confidence: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of each (positive) float32: a monotone key (bigger value, bigger or equal key)."""
+    return confidence.float().contiguous().view(torch.int32) >> 16
+
+
+class StreamingThresholds:
+    """Exactly :func:`class_thresholds` over a stream of maps, in two passes and bounded memory.
+
+        st = StreamingThresholds(19)
+        for conf, label in predictions(): st.count(conf, label)      # pass 1
+        st.locate()
+        for conf, label in predictions(): st.collect(conf, label)    # pass 2
+        thresholds = st.thresholds()
+    """
+
+    def __init__(self, num_classes: int, quantile: float = 0.66, cap: float = 0.9):
+        if not 0.0 <= quantile <= 1.0:
+            raise ConfigValueError(f"pseudo-label quantile={quantile}: expected a fraction in [0, 1] (FDA: 0.66)")
+        self.num_classes, self.quantile, self.cap = num_classes, quantile, cap
+        self.histogram = torch.zeros(num_classes * _BINS, dtype=torch.int64)
+        self.bin: list[int | None] = []  # per class: the histogram bin holding the wanted rank (None: not needed)
+        self.rank_in_bin: list[int] = []
+        self.values: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
+
+    def count(self, confidence: torch.Tensor, label: torch.Tensor) -> None:
+        """Pass 1: add maps (any shape; confidence in (0, 1]) to the per-class histograms."""
+        keys = label.long().flatten() * _BINS + _high_bits(confidence).long().flatten()
+        self.histogram += torch.bincount(keys.cpu(), minlength=self.num_classes * _BINS)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.histogram.view(self.num_classes, _BINS).sum(dim=1)
+
+    def locate(self) -> None:
+        """Between the passes: for each class, the bin and the rank inside it of the wanted order statistic.
+        A bin whose every value is at least ``cap`` needs no second look (the threshold is the cap)."""
+        hist = self.histogram.view(self.num_classes, _BINS)
+        self.bin, self.rank_in_bin = [], []
+        for c in range(self.num_classes):
+            n = int(hist[c].sum())
+            if n == 0:
+                self.bin.append(None)
+                self.rank_in_bin.append(0)
+                continue
+            k = quantile_position(n, self.quantile)
+            cumulative = hist[c].cumsum(0)
+            b = int(torch.searchsorted(cumulative, torch.tensor(k), right=True))
+            lowest = torch.tensor([b << 16], dtype=torch.int32).view(torch.float32).item()
+            self.bin.append(None if lowest >= self.cap else b)
+            self.rank_in_bin.append(k - (int(cumulative[b - 1]) if b > 0 else 0))
+
+    def undecided(self, confidence: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Pixels whose confidence lies in their class's located bin: only the exact threshold decides them."""
+        bins = torch.tensor([-1 if b is None else b for b in self.bin], device=label.device)
+        return _high_bits(confidence) == bins[label.long()]
+
+    def collect(self, confidence: torch.Tensor, label: torch.Tensor, undecided: torch.Tensor | None = None) -> None:
+        """Pass 2: keep the confidences of the located bins."""
+        undecided = self.undecided(confidence, label) if undecided is None else undecided
+        values, classes = confidence[undecided].float().cpu(), label[undecided].long().cpu()
+        for c in classes.unique().tolist():
+            self.values[c].append(values[classes == c])
+
+    def thresholds(self) -> torch.Tensor:
+        out = torch.zeros(self.num_classes, dtype=torch.float64)
+        for c, b in enumerate(self.bin):
+            if self.counts[c] == 0:
+                continue
+            if b is None:
+                out[c] = self.cap
+                continue
+            values = torch.cat(self.values[c]).sort().values
+            out[c] = float(values[self.rank_in_bin[c]])
+        return out.clamp(max=self.cap)
+
+    def decided(self, confidence: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Pass 2 labels: pixels below their class's bin rejected (255), above it kept; the undecided ones
+        keep their class until :meth:`thresholds` settles them."""
+        bins = torch.tensor([_BINS if b is None else b for b in self.bin], device=label.device)
+        below = _high_bits(confidence) < bins[label.long()]
+        # a class whose threshold is the cap: compare with the cap itself
+        capped = torch.tensor([b is None for b in self.bin], device=label.device)[label.long()]
+        below = torch.where(capped, confidence.double() < self.cap, below)
+        out = label.clone()
+        out[below] = IGNORE_INDEX
+        return out
+
+
+Prediction = Callable[[torch.Tensor], torch.Tensor]  # normalised N×3×H×W images -> N×C×H×W softmax
+
+
+def write_pseudo_label_tree(predict: Prediction, loader: Iterable[dict], image_paths: Sequence[Path], image_root: Path,
+                            out: Path, split: str, num_classes: int, quantile: float = 0.66, cap: float = 0.9,
+                            progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it) -> dict:
+    """Label every image of ``loader`` (in ``image_paths`` order, no shuffling) into ``out`` as a Cityscapes
+    label tree; returns the manifest (thresholds, class pixel counts, rejected share). ``out`` is written as is:
+    the caller makes it atomic (:func:`rtda.io.build_once`)."""
+    stream = StreamingThresholds(num_classes, quantile, cap)
+
+    def predictions(desc: str):
+        for batch in progress(loader, desc):
+            with torch.no_grad():
+                probs = predict(batch["image"])
+            confidence, label = probs.float().max(dim=1)
+            yield confidence, label
+
+    for confidence, label in predictions("pseudo-labels 1/2: class confidences"):
+        stream.count(confidence, label)
+    stream.locate()
+    held: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # image -> undecided pixels
+    provisional = out / ".provisional"
+    provisional.mkdir(parents=True, exist_ok=True)
+    index, kept, total = 0, 0, 0
+    for confidence, label in predictions("pseudo-labels 2/2: writing"):
+        undecided = stream.undecided(confidence, label)
+        stream.collect(confidence, label, undecided)
+        labels = stream.decided(confidence, label)
+        for i in range(label.shape[0]):
+            if undecided[i].any():
+                where = undecided[i].flatten().nonzero().flatten()
+                held[index] = (where.cpu(), confidence[i].flatten()[where].cpu(), label[i].flatten()[where].cpu())
+                Image.fromarray(labels[i].byte().cpu().numpy()).save(provisional / f"{index}.png")
+            else:
+                kept += _save_label(labels[i], image_paths[index], image_root, out, split)
+            total += labels[i].numel()
+            index += 1
+    if index != len(image_paths):
+        raise RtdaError(f"pseudo-labels: {index} predictions for {len(image_paths)} images")
+    thresholds = stream.thresholds()
+    for i, (where, conf, cls) in held.items():
+        path = provisional / f"{i}.png"
+        labels = torch.from_numpy(np.array(Image.open(path))).long()
+        flat = labels.flatten()
+        flat[where[conf.double() < thresholds[cls]]] = IGNORE_INDEX
+        kept += _save_label(flat.view_as(labels), image_paths[i], image_root, out, split)
+        path.unlink()
+    provisional.rmdir()
+    counts = stream.counts
+    return {"thresholds": thresholds.tolist(), "pixels_per_class": counts.tolist(), "num_images": len(image_paths),
+            "kept_share": kept / max(total, 1)}
+
+
+def _save_label(label: torch.Tensor, image_path: Path, image_root: Path, out: Path, split: str) -> int:
+    """Write one label at its image's own resolution (nearest) under ``out/gtFine/split/CITY/``; returns the
+    number of pixels kept (at the resolution the label was computed)."""
+    kept = int((label != IGNORE_INDEX).sum())
+    with Image.open(image_path) as img:
+        width, height = img.size
+    if tuple(label.shape) != (height, width):
+        label = F.interpolate(label[None, None].float(), size=(height, width), mode="nearest")[0, 0]
+    relative = image_path.relative_to(image_root)
+    name = relative.name.removesuffix("_leftImg8bit.png") + "_gtFine_labelTrainIds.png"
+    target = out / "gtFine" / split / relative.parent / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(label.byte().cpu().numpy()).save(target)  # uint8 HxW: mode L
+    return kept
+
+
+def manifest_matches(out: Path, manifest: dict) -> bool:
+    """True when ``out`` holds a complete tree written with the same inputs (``manifest`` minus results)."""
+    path = out / "pseudo_labels.json"
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    return all(saved.get(k) == v for k, v in manifest.items())
