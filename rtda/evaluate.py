@@ -152,9 +152,42 @@ def write_pseudo_labels(cfg: DictConfig) -> dict:
         print(f"pseudo-labels already written from these checkpoints: {out}")
     thresholds = ", ".join(f"{n} {t:.3f}" for n, t in zip(module.class_names, summary["thresholds"]))
     print(f"pseudo-labels of {len(dataset)} target images ({dataset.split}) in {out}\n"
-          f"kept {100 * summary['kept_share']:.1f}% of the pixels; thresholds: {thresholds}\n"
-          f"train on them: rtda-train adaptation=fda_ssl data.target.label_root={out}")
+          f"kept {100 * summary['kept_share']:.1f}% of the pixels; thresholds: {thresholds}")
+    quality = score_pseudo_labels(factory, out, module.class_names) if cfg.pseudo_labels.score else None
+    if quality is not None:
+        print(f"against the split's own labels (a diagnostic; training never reads them): {100 * quality['accuracy']:.1f}% "
+              f"of the kept pixels correct, mIoU {100 * quality['mIoU']:.2f} on them, "
+              f"{100 * quality['coverage']:.1f}% of the labelled pixels kept")
+        summary["quality"] = quality
+        atomic_write_text(out / "pseudo_labels.json", json.dumps({**manifest, **summary}, indent=2))
+    print(f"train on them: rtda-train adaptation=fda_ssl data.target.label_root={out}")
     return {"test/mIoU": float("nan"), "pseudo_labels": str(out), **summary}
+
+
+def score_pseudo_labels(factory, out: Path, class_names: list[str]) -> dict | None:
+    """The pseudo-labels against the split's ground truth where it has one (the demo's and Cityscapes' train
+    splits do): accuracy and mIoU over the kept pixels, and the share of labelled pixels kept. None without
+    ground truth."""
+    from rtda.data.base import DatasetFormatError
+    from rtda.metrics import SegmentationMetrics
+
+    try:
+        truth = factory(transform=None, labelled=True, label_root=None, check=False)
+        pseudo = factory(transform=None, labelled=True, label_root=out, check=False)
+    except DatasetFormatError:
+        return None
+    metrics = SegmentationMetrics(len(class_names))
+    kept = labelled = 0
+    for i in range(len(truth)):
+        gt = torch.from_numpy(truth.load(i)["label"]).long()
+        pl = torch.from_numpy(pseudo.load(i)["label"]).long()
+        valid = gt != 255
+        labelled += int(valid.sum())
+        kept += int((valid & (pl != 255)).sum())
+        metrics.update(pl[None], torch.where(pl == 255, torch.full_like(gt, 255), gt)[None])
+    result = metrics.compute()
+    return {"accuracy": result["acc"], "mIoU": result["mIoU"], "coverage": kept / max(labelled, 1),
+            "IoU": {n: (None if v != v else v) for n, v in zip(class_names, result["IoU"].tolist())}}
 
 
 def evaluate(cfg: DictConfig) -> dict:

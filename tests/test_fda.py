@@ -221,6 +221,7 @@ def test_fda_pipeline_through_the_console_scripts(tiny_demo_dir, tmp_path):
     assert ev.returncode == 0, ev.stderr[-3000:]
     manifest = json.loads((out / "pseudo_labels.json").read_text())
     assert manifest["image_root"].endswith("cityscapes") and manifest["num_images"] == 8 and len(manifest["thresholds"]) == 19 and manifest["size"] == [64, 128]
+    assert 0 < manifest["quality"]["coverage"] < 1 and 0 <= manifest["quality"]["accuracy"] <= 1  # the demo has train labels
     written = sorted(out.glob("gtFine/train/*/*_gtFine_labelTrainIds.png"))
     assert len(written) == 8
     again = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
