@@ -131,6 +131,7 @@ def write_pseudo_labels(cfg: DictConfig) -> dict:
                                "settings (its pseudo_labels.json differs or is missing): choose another folder or remove it")
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
     module = module.to(device).eval()
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # both passes predict alike
     ensemble = isinstance(module.net, SoftmaxEnsemble)
 
     def predict(images: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,9 @@ Thresholds over a whole split must not hold every softmax in memory (Cityscapes 
 in two passes over the predictions, with memory independent of the split's size: pass 1 counts every
 class's confidences in a histogram keyed by the top 16 bits of their float32 representation (for positive
 floats that order is the numbers' order, so the bin holding the wanted rank is known exactly); pass 2 keeps
-only the confidences in that one bin per class (a few in a thousand), sorts them and reads the rank.
+only the confidences in that one bin per class (a few in a thousand), sorts them and reads the rank. Both
+passes must see the same predictions: the labeller runs the network in evaluation mode with deterministic
+kernels.
 :func:`write_pseudo_label_tree` runs the network twice and writes each label in pass 2, holding back only the
 pixels of those bins until the thresholds are known.
 
@@ -140,8 +142,11 @@ class StreamingThresholds:
             if b is None:
                 out[c] = self.cap
                 continue
-            values = torch.cat(self.values[c]).sort().values
-            out[c] = float(values[self.rank_in_bin[c]])
+            values = torch.cat(self.values[c]).sort().values if self.values[c] else torch.empty(0)
+            if values.numel() == 0:  # pass 2 saw other predictions than pass 1 (a non-deterministic kernel)
+                out[c] = torch.tensor([b << 16], dtype=torch.int32).view(torch.float32).item()
+                continue
+            out[c] = float(values[min(self.rank_in_bin[c], values.numel() - 1)])
         return out.clamp(max=self.cap)
 
     def decided(self, confidence: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
