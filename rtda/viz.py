@@ -19,7 +19,7 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
     """3xHxW ImageNet-normalised tensor (or a uint8 one, as the data loaders deliver) -> HxWx3 uint8."""
     if image.dtype == torch.uint8:
         return image.permute(1, 2, 0).cpu().numpy()
-    from rtda.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # albumentations only when needed
+    from rtda.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)

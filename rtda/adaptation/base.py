@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtda.data.labels import CLASS_NAMES, IGNORE_INDEX
-from rtda.data.transforms import normalize
+from rtda.data.normalization import normalize
 from rtda.errors import ConfigValueError, TrainingDiverged
 from rtda.metrics import SegmentationMetrics
 from rtda.models.outputs import as_outputs, main_logits

@@ -3,7 +3,7 @@
 A :class:`SegmentationTransform` resizes to the training resolution, runs the augmentation list
 chosen by the ``augmentation`` config group (named albumentations transforms, instantiated by Hydra),
 and returns tensors: the image stays ``uint8`` on the 0–255 scale. Normalisation (:func:`normalize`, the
-ImageNet statistics the torchvision backbones were trained with) runs on the device after the batch
+ImageNet statistics the torchvision backbones were trained with, :mod:`rtda.data.normalization`) runs on the device after the batch
 transfer, so batch-level operations that need raw pixels (FDA's spectrum swap, mixing) come first and a
 batch crosses to the GPU at a quarter of the float32 size. For evaluation, ``resize_label=False`` keeps the label at its full resolution: the network
 predicts at the training resolution and the logits are upsampled to the label (the protocol of the
@@ -21,8 +21,7 @@ import albumentations as A  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from rtda.data.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: E402,F401  (re-exported)
 
 
 class SegmentationTransform:
@@ -60,11 +59,3 @@ class SegmentationTransform:
     def __repr__(self) -> str:
         return f"SegmentationTransform(size={self.size}, resize_label={self.resize_label}, pipeline={self.pipeline})"
 
-
-def normalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """``N×3×H×W`` (or ``3×H×W``) images on the 0–255 scale (uint8 or float) -> float32 ``(x / 255 - mean) / std``,
-    on the images' device, in their memory format."""
-    shape = (3, 1, 1) if image.ndim == 3 else (1, 3, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=image.device).view(shape) * 255.0
-    std_t = torch.tensor(std, dtype=torch.float32, device=image.device).view(shape) * 255.0
-    return (image.float() - mean_t) / std_t

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet101_Weights
 
-from rtda.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from rtda.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from rtda.errors import ConfigValueError
 from rtda.models.frozen_bn import FrozenBatchNorm2d
 from rtda.models.outputs import SegmentationOutputs
