@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import netrc
 import os
 from pathlib import Path
@@ -89,7 +90,39 @@ class HistoryKeepingWriter(ExperimentWriter):
 
 
 class HistoryKeepingCSVLogger(CSVLogger):
-    """A ``CSVLogger`` whose ``metrics.csv`` survives resumes and new processes: nothing logged is lost."""
+    """A ``CSVLogger`` whose ``metrics.csv`` survives resumes and new processes: nothing logged is lost.
+
+    The rows are written to disk whenever a checkpoint is saved (Lightning's writer buffers up to 100 steps,
+    which a killed job would lose for good: the resumed run starts after them); on resume, the rows of
+    iterations after the checkpoint, which the resumed run logs again, are removed first
+    (:meth:`forget_from`), so the history has each iteration once.
+    """
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        super().after_save_checkpoint(checkpoint_callback)
+        if self._experiment is not None:
+            self.save()
+
+    def forget_from(self, step: int) -> int:
+        """Remove the rows logged at ``step`` or later from ``metrics.csv`` (``step`` = the iteration a
+        resumed checkpoint was taken at: Lightning logs iteration ``i`` at step ``i - 1``); returns how many."""
+        from rtda.io import atomic_write_text
+
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if not path.is_file():
+            return 0
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = reader.fieldnames or [], list(reader)
+        kept = [r for r in rows if not (r.get("step") or "").isdigit() or int(r["step"]) < step]
+        if len(kept) == len(rows):
+            return 0
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_text(path, out.getvalue())
+        return len(rows) - len(kept)
 
     @property
     @rank_zero_experiment

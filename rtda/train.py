@@ -12,6 +12,7 @@ import logging
 import math
 import subprocess
 import warnings
+import zipfile
 from pathlib import Path
 
 import hydra
@@ -28,6 +29,7 @@ from rtda.ddp import (
 )
 from rtda.errors import ConfigValueError, RtdaError, exit_on_user_error, log_to_files, one_line, run_cli
 from rtda.io import atomic_write_text, check_writable
+from rtda.loggers import HistoryKeepingCSVLogger
 from rtda.results import format_summary, test_summary
 
 log = logging.getLogger("rtda")
@@ -42,15 +44,41 @@ def _git_revision() -> str | None:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``auto`` -> this run folder's ``checkpoints/last.ckpt`` when present (resume after preemption)."""
+    """``auto`` -> this run folder's ``checkpoints/last.ckpt`` when present (resume after preemption).
+
+    A ``last.ckpt`` cut short (the job was killed while writing it: Lightning does not write checkpoints
+    atomically) is passed over, with a warning, for the newest whole checkpoint of the folder; none: from scratch.
+    """
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "auto":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        folder = output_dir / "checkpoints"
+        last = folder / "last.ckpt"
+        others = sorted((p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"),
+                        key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+        for candidate in [last, *others]:
+            if candidate.is_file() and zipfile.is_zipfile(candidate):
+                if candidate != last:
+                    log.warning(f"ckpt_path=auto: {last} is missing or truncated; resuming from {candidate}")
+                return str(candidate)
+        if last.is_file():
+            log.warning(f"ckpt_path=auto: {last} is truncated and no other whole checkpoint is there; starting afresh")
+        return None
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     return ckpt_path
+
+
+def resumed_iteration(ckpt_path: str | None) -> int | None:
+    """The training iteration a checkpoint was taken at (``global_step``), or None."""
+    if ckpt_path is None:
+        return None
+    import torch
+
+    try:
+        return int(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+    except Exception:  # a file check_checkpoint_fits accepted but without a step: nothing to trim
+        return None
 
 
 def random_init_warning(cfg: DictConfig) -> str | None:
@@ -73,6 +101,12 @@ def destinations(cfg: DictConfig) -> dict[str, Path]:
         if isinstance(logger, DictConfig) and logger.get("save_dir"):
             out[f"the {name} logger's files"] = Path(logger.save_dir)
     return out
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def is_rank_zero() -> bool:
@@ -115,11 +149,17 @@ def train(cfg: DictConfig) -> dict:
         "experiment": rtda_config.describe(cfg),
         "choices": rtda_config.choices(),
         "overrides": rtda_config.overrides(),
+        "seed": cfg.get("seed"),
         "run_dir": str(output_dir.resolve()),
         "git_revision": _git_revision(),
     }
     state: dict = {}
     try:
+        # on disk from the start: a job killed hard (SIGKILL, preemption) shows as "running" to rtda-compare
+        try:
+            write_results(output_dir, {**record, "started": _now()})
+        except OSError:
+            pass  # an unwritable folder: _train's check names it
         results = _train(cfg, record, state)
     except BaseException as err:
         module, ckpt_cb = state.get("module"), state.get("checkpoint_callback")
@@ -172,6 +212,11 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
         check_checkpoint_fits(ckpt_path, module)
 
     loggers = list(rtda_config.instantiate_dict(cfg.get("logger")).values())
+    resumed_at = resumed_iteration(ckpt_path) if cfg.get("train", True) else None
+    if resumed_at is not None and is_rank_zero():
+        for logger in loggers:  # rows logged after the checkpoint, before the job died, are logged again
+            if isinstance(logger, HistoryKeepingCSVLogger):
+                logger.forget_from(resumed_at)
     callbacks = list(rtda_config.instantiate_dict(cfg.get("callbacks")).values())
     if not loggers:  # LearningRateMonitor refuses to run without a logger; nothing to monitor into
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
