@@ -13,8 +13,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-#: the ``conf/`` tree at the repository root (rtda is installed editable: ``pip install -e .``)
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: the config tree: ``rtda/conf`` inside an installed wheel (copied there at build time, see setup.py), else the
+#: ``conf/`` tree at the repository root (an editable install: ``pip install -e .``). Users add their own
+#: groups and experiments with ``--config-dir DIR`` or ``hydra.searchpath=[file://DIR]``; rtda's own tree is
+#: also reachable as ``pkg://rtda.conf`` from an installed wheel.
+_PACKAGED = Path(__file__).resolve().parent / "conf"
+CONFIG_DIR = _PACKAGED if (_PACKAGED / "train.yaml").is_file() else Path(__file__).resolve().parent.parent / "conf"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@%-]+")
 
@@ -75,8 +79,43 @@ def job_dirname(num, sweep_dir, task_overrides) -> str:
     return safe_name(f"{num}_{','.join(parts)}" if parts else str(num))
 
 
+def _device_count() -> int:
+    from rtda.launchers import device_count
+
+    return device_count()
+
+
+def _device_number(accelerator, devices) -> int:
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, str) and devices.isdigit() and int(devices) > 0:
+        return int(devices)
+    from rtda.errors import ConfigValueError
+
+    raise ConfigValueError(f"trainer.devices={devices!r}: with hydra/launcher=slurm give the number of devices per node "
+                           "(e.g. trainer.devices=4): SLURM reserves them before the job can count them")
+
+
+def tasks_per_node(accelerator, devices) -> int:
+    """SLURM tasks per node: one per device (Lightning's SLURM DDP runs one process per task)."""
+    return _device_number(accelerator, devices)
+
+
+def gpus_per_node(accelerator, devices) -> int | None:
+    return _device_number(accelerator, devices) if str(accelerator) in ("gpu", "cuda", "auto") else None
+
+
+def cpus_per_task(num_workers) -> int:
+    """The source and target loaders' workers, plus the training process itself."""
+    return 2 * int(num_workers or 0) + 1
+
+
 def register_resolvers() -> None:
-    for name, fn in (("rtda.run_name", run_name), ("rtda.job_dirname", job_dirname)):
+    for name, fn in (("rtda.run_name", run_name), ("rtda.job_dirname", job_dirname), ("rtda.device_count", _device_count),
+                     ("rtda.tasks_per_node", tasks_per_node), ("rtda.gpus_per_node", gpus_per_node),
+                     ("rtda.cpus_per_task", cpus_per_task)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -29,6 +29,7 @@ from rtda.ddp import (
 )
 from rtda.errors import ConfigValueError, RtdaError, exit_on_user_error, log_to_files, one_line, run_cli
 from rtda.io import atomic_write_text, check_writable
+from rtda.launchers import job_resources, requeue_plugins
 from rtda.loggers import HistoryKeepingCSVLogger
 from rtda.results import format_summary, test_summary
 
@@ -44,25 +45,26 @@ def _git_revision() -> str | None:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``auto`` -> this run folder's ``checkpoints/last.ckpt`` when present (resume after preemption).
+    """``auto`` -> the newest whole checkpoint of this run folder: ``checkpoints/last.ckpt`` as a rule (resume
+    after preemption), or Lightning's ``hpc_ckpt_N.ckpt`` when its SLURM auto-requeue saved a newer one; none
+    (a fresh run): None, training starts from scratch.
 
-    A ``last.ckpt`` cut short (the job was killed while writing it: Lightning does not write checkpoints
-    atomically) is passed over, with a warning, for the newest whole checkpoint of the folder; none: from scratch.
+    A checkpoint cut short (the job was killed while writing it: Lightning does not write checkpoints
+    atomically) is passed over, with a warning, for the next newest.
     """
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "auto":
-        folder = output_dir / "checkpoints"
-        last = folder / "last.ckpt"
-        others = sorted((p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"),
-                        key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
-        for candidate in [last, *others]:
-            if candidate.is_file() and zipfile.is_zipfile(candidate):
-                if candidate != last:
-                    log.warning(f"ckpt_path=auto: {last} is missing or truncated; resuming from {candidate}")
+        last = output_dir / "checkpoints" / "last.ckpt"
+        found = [*output_dir.glob("checkpoints/*.ckpt"), *output_dir.glob("hpc_ckpt_*.ckpt")]
+        # newest first; at equal times last.ckpt first (the top-k file of the same validation holds the same state)
+        found.sort(key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+        for candidate in found:
+            if zipfile.is_zipfile(candidate):
                 return str(candidate)
+            log.warning(f"ckpt_path=auto: {candidate} is truncated (the job was killed while writing it); passed over")
         if last.is_file():
-            log.warning(f"ckpt_path=auto: {last} is truncated and no other whole checkpoint is there; starting afresh")
+            log.warning(f"ckpt_path=auto: no whole checkpoint in {last.parent}; starting afresh")
         return None
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
@@ -222,7 +224,8 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
     use_rtda_ddp_children()
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                  **method_strategy(cfg.trainer.get("strategy"), module))
+                                                  **method_strategy(cfg.trainer.get("strategy"), module),
+                                                  **requeue_plugins())
     for logger in loggers:
         logger.log_hyperparams({**resolved, "git_revision": record["git_revision"]})
 
@@ -289,7 +292,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if launches_processes(cfg.trainer) and shares_the_sweep_process():
         results = train_in_own_process(cfg)
     else:
-        results = train(cfg)
+        with job_resources(cfg):  # a parallel sweep's job: a GPU of its own, or its share of the CPU
+            results = train(cfg)
     metric = cfg.get("optimized_metric")
     value = results.get("best_val_mIoU") if metric == "val/mIoU" else results.get(metric)
     if value is None:
