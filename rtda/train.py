@@ -28,7 +28,7 @@ from rtda.ddp import (
     use_rtda_ddp_children,
 )
 from rtda.errors import ConfigValueError, RtdaError, exit_on_user_error, log_to_files, one_line, run_cli
-from rtda.io import atomic_write_text, check_writable
+from rtda.io import atomic_write_text, check_writable, holding_read_locks
 from rtda.launchers import job_resources, requeue_plugins
 from rtda.loggers import HistoryKeepingCSVLogger
 from rtda.results import format_summary, test_summary
@@ -292,7 +292,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if launches_processes(cfg.trainer) and shares_the_sweep_process():
         results = train_in_own_process(cfg)
     else:
-        with job_resources(cfg):  # a parallel sweep's job: a GPU of its own, or its share of the CPU
+        # a parallel sweep's job: a GPU of its own, or its share of the CPU; the data it reads stays as it is
+        with job_resources(cfg), holding_read_locks():
             results = train(cfg)
     metric = cfg.get("optimized_metric")
     value = results.get("best_val_mIoU") if metric == "val/mIoU" else results.get(metric)

@@ -191,3 +191,45 @@ def test_one_requeue_mechanism_under_submitit(monkeypatch):
     assert plugin.auto_requeue is False
     compose_train([])  # the basic launcher (plain sbatch + srun rtda-train): Lightning's requeue is left on
     assert requeue_plugins() == {}
+
+
+def test_ddp_uses_every_gpu_of_the_node_unless_told():
+    assert compose_train(["trainer=ddp"]).trainer.devices == "auto"
+    assert compose_train(["trainer=ddp", "trainer.devices=2"]).trainer.devices == 2
+    from rtda.ddp import launches_processes
+
+    assert launches_processes(compose_train(["trainer=ddp"]).trainer)  # one process per GPU, this job's folder
+
+
+READER = """
+import json, sys, time
+from rtda.io import holding_read_locks
+from rtda.data.demo import ensure_demo
+root, gap, hold = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+with holding_read_locks():  # what rtda-train does around a job
+    ensure_demo(root, seed=0, gap=gap, source_count=2, target_train_count=1, target_val_count=1)
+    print("reading", time.time(), flush=True)
+    time.sleep(hold)
+    intact = json.load(open(root + "/demo.json"))["gap"] == gap
+    print("done", time.time(), intact, flush=True)
+"""
+
+
+def test_a_sweep_over_a_data_knob_never_replaces_the_demo_a_job_is_reading(tmp_path):
+    """Job A trains on the demo with gap 0.4; job B (gap 0.8) starts meanwhile: B generates its copy, but swaps
+    it in only after A has finished reading the old one."""
+    root = str(tmp_path / "demo")
+    a = subprocess.Popen([sys.executable, "-c", READER, root, "0.4", "3"], env=ENV, stdout=subprocess.PIPE, text=True)
+    line = a.stdout.readline()
+    while line and not line.startswith("reading"):  # "rtda: wrote the demo ..." first
+        line = a.stdout.readline()
+    assert line.startswith("reading"), line
+    b = subprocess.run([sys.executable, "-c", READER, root, "0.8", "0"], env=ENV, capture_output=True, text=True, timeout=120)
+    rest = a.communicate(timeout=120)[0].split()
+    assert a.returncode == 0 and b.returncode == 0, b.stderr
+    a_done, a_intact = float(rest[1]), rest[2]
+    b_reading = float(next(ln for ln in b.stdout.splitlines() if ln.startswith("reading")).split()[1])
+    assert a_intact == "True"  # A's demo was never replaced under it
+    assert b_reading >= a_done  # B waited for A, then used its own spec
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["gap"] == 0.8
+    assert not list(tmp_path.glob("demo.tmp-*"))
