@@ -100,21 +100,23 @@ def read_lock(root: str | Path) -> bool:
     """Inside :func:`holding_read_locks`: take a shared lock on ``root`` (``root.readers``) until the run ends, so
     that :func:`build_once` (``readers=True``) in another process never replaces the folder under this run.
     Returns whether a lock is held (never outside a run, nor where ``fcntl`` is missing)."""
-    root = Path(root)
+    root = Path(root).resolve()
     if not _HOLD["on"] or str(root) in _READ_LOCKS:
         return str(root) in _READ_LOCKS
     try:
         import fcntl
     except ImportError:  # not POSIX: no reader locks
         return False
-    f = open(_lock_file(root), "a")  # noqa: SIM115 - held open for the run's lifetime
-    fcntl.flock(f, fcntl.LOCK_SH)
+    # a POSIX record lock (lockf), not flock: DataLoader workers forked from this process do not inherit it,
+    # so it is gone as soon as this run releases it (or dies), whatever its workers do
+    f = open(_lock_file(root), "a+")  # noqa: SIM115 - held open for the run's lifetime
+    fcntl.lockf(f, fcntl.LOCK_SH)
     _READ_LOCKS[str(root)] = f
     return True
 
 
 def release_read_lock(root: str | Path) -> None:
-    f = _READ_LOCKS.pop(str(Path(root)), None)
+    f = _READ_LOCKS.pop(str(Path(root).resolve()), None)
     if f is not None:
         f.close()
 
@@ -140,12 +142,12 @@ def _exclusive(root: Path):
         yield
         return
     release_read_lock(root)  # this process's own shared lock would block it
-    with open(_lock_file(root), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # waits for every run reading root to end
+    with open(_lock_file(root), "a+") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)  # waits for every run reading root to end
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 class CheckRunFolder(Callback):
