@@ -41,7 +41,7 @@ def parallel_jobs() -> int | None:
     if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
         return None
     n = int(launcher.get("n_jobs") or 1)
-    return os.cpu_count() or 1 if n < 1 else n
+    return (os.cpu_count() or 1) if n < 1 else n
 
 
 def _single_gpu(trainer: DictConfig) -> bool:

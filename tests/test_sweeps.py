@@ -85,7 +85,8 @@ def test_parallel_sweep_jobs_build_the_demo_once_and_both_complete(tmp_path):
     assert jobs == ["0_seed=1", "1_seed=2"]
     for job in jobs:
         assert json.loads((sweep / job / "results.json").read_text())["status"] == "completed"
-    assert sorted(p.name for p in data.iterdir()) == ["demo", "demo.lock"]  # no temporary folder left
+    assert not [p.name for p in data.iterdir() if ".tmp-" in p.name]  # no temporary folder left
+    assert {p.name for p in data.iterdir()} <= {"demo", "demo.lock", "demo.readers"}
     assert json.loads((data / "demo" / "demo.json").read_text())["source_count"] == TINY_DEMO["source_count"]
     assert len(list((data / "demo" / "gta5" / "images").glob("*.png"))) == TINY_DEMO["source_count"]
 
