@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +13,115 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-#: the ``conf/`` tree at the repository root (rtda is installed editable: ``pip install -e .``)
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: the config tree: ``rtda/conf`` inside an installed wheel (copied there at build time, see setup.py), else the
+#: ``conf/`` tree at the repository root (an editable install: ``pip install -e .``). Users add their own
+#: groups and experiments with ``--config-dir DIR`` or ``hydra.searchpath=[file://DIR]``; rtda's own tree is
+#: also reachable as ``pkg://rtda.conf`` from an installed wheel.
+_PACKAGED = Path(__file__).resolve().parent / "conf"
+CONFIG_DIR = _PACKAGED if (_PACKAGED / "train.yaml").is_file() else Path(__file__).resolve().parent.parent / "conf"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@%-]+")
+
+
+def safe_name(text: str, limit: int = 120) -> str:
+    """``text`` as one folder name: no ``/`` or spaces, at most ``limit`` characters (a hash keeps it unique)."""
+    name = _UNSAFE.sub("_", str(text)).strip("._") or "_"
+    if len(name) > limit:
+        name = name[: limit - 9].rstrip("._") + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
+
+
+def slurm_job_name() -> str | None:
+    """``slurm-<job id>`` (``slurm-<array job id>_<task id>`` in an array) inside a SLURM job, else None.
+    SLURM keeps the job id when it requeues a job, so this names the same folder on every retry."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"slurm-{array}_{task}"
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"slurm-{job}" if job else None
+
+
+def run_name(given, stamp) -> str:
+    """The folder name of a single run (``hydra.run.dir``): ``run_name`` when given, else the SLURM job id
+    (stable across requeues), else the start time ``stamp``. Registered as the ``rtda.run_name`` resolver."""
+    if given not in (None, "", "null"):
+        return safe_name(given)
+    return slurm_job_name() or str(stamp)
+
+
+def swept_keys(sweep_dir) -> list[str]:
+    """The override keys a ``-m`` sweep varies (``seed=1,2`` -> ``seed``), read from the sweep's
+    ``multirun.yaml`` (written before any job starts, on every launcher: local, joblib, submitit)."""
+    path = os.path.join(str(sweep_dir), "multirun.yaml")
+    try:
+        task = OmegaConf.load(path).hydra.overrides.task
+    except Exception:  # no file (a job run by hand), unreadable: the job number alone names the folder
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(task))
+    except Exception:
+        return []
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+def job_dirname(num, sweep_dir, task_overrides) -> str:
+    """The folder name of a sweep job (``hydra.sweep.subdir``): its number, then the values the sweep varies,
+    ``3_adaptation=advent,seed=1``: unique (the number), readable (the values), one folder level.
+    Registered as the ``rtda.job_dirname`` resolver."""
+    keys = set(swept_keys(sweep_dir))
+    parts = []
+    for text in task_overrides or []:
+        key, _, value = str(text).partition("=")
+        if key.lstrip("+~") in keys:
+            parts.append(f"{key.lstrip('+~')}={value}")
+    return safe_name(f"{num}_{','.join(parts)}" if parts else str(num))
+
+
+def _device_count() -> int:
+    from rtda.launchers import device_count
+
+    return device_count()
+
+
+def _device_number(accelerator, devices) -> int:
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, str) and devices.isdigit() and int(devices) > 0:
+        return int(devices)
+    from rtda.errors import ConfigValueError
+
+    raise ConfigValueError(f"trainer.devices={devices!r}: with hydra/launcher=slurm give the number of devices per node "
+                           "(e.g. trainer.devices=4): SLURM reserves them before the job can count them")
+
+
+def tasks_per_node(accelerator, devices) -> int:
+    """SLURM tasks per node: one per device (Lightning's SLURM DDP runs one process per task)."""
+    return _device_number(accelerator, devices)
+
+
+def gpus_per_node(accelerator, devices) -> int | None:
+    return _device_number(accelerator, devices) if str(accelerator) in ("gpu", "cuda", "auto") else None
+
+
+def cpus_per_task(num_workers) -> int:
+    """The source and target loaders' workers, plus the training process itself."""
+    return 2 * int(num_workers or 0) + 1
+
+
+def register_resolvers() -> None:
+    for name, fn in (("rtda.run_name", run_name), ("rtda.job_dirname", job_dirname), ("rtda.device_count", _device_count),
+                     ("rtda.tasks_per_node", tasks_per_node), ("rtda.gpus_per_node", gpus_per_node),
+                     ("rtda.cpus_per_task", cpus_per_task)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()
+
 
 def instantiate_dict(cfg: DictConfig | None) -> dict:
     """Instantiate every ``_target_`` node of a mapping (callbacks, loggers); null entries are skipped."""

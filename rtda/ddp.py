@@ -14,13 +14,15 @@ import sys
 from collections.abc import Sequence
 
 
-def this_job_command(*extra: str) -> list[str]:
+def this_job_command(*extra: str, module: str | None = None) -> list[str]:
     """The running Hydra job as a single-run command: its resolved overrides (a sweep's values included),
-    in its own output folder, without writing the Hydra config again."""
+    in its own output folder, without writing the Hydra config again. ``module``: run ``python -m module``
+    instead of this process's script (a parallel launcher's worker process runs no rtda script)."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    return [sys.executable, os.path.abspath(sys.argv[0]), *hc.overrides.task,
+    program = ["-m", module] if module else [os.path.abspath(sys.argv[0])]
+    return [sys.executable, *program, *hc.overrides.task,
             f'hydra.run.dir="{hc.runtime.output_dir}"', "hydra.output_subdir=null", *extra]
 
 
@@ -54,12 +56,14 @@ def launches_processes(trainer_cfg) -> bool:
 
 
 def shares_the_sweep_process() -> bool:
-    """True for a job of a ``-m`` sweep run by Hydra's basic launcher (all jobs in this one process)."""
+    """True for a job of a ``-m`` sweep run inside the sweep's own processes: Hydra's basic launcher (all jobs
+    in this one process) or the joblib launcher (jobs in a pool of worker processes)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    return hc.mode == RunMode.MULTIRUN and str(hc.launcher.get("_target_", "")).endswith("BasicLauncher")
+    target = str(hc.launcher.get("_target_", ""))
+    return hc.mode == RunMode.MULTIRUN and (target.endswith("BasicLauncher") or target.endswith("JoblibLauncher"))
 
 
 def run_job_as_own_command() -> int:
@@ -70,4 +74,4 @@ def run_job_as_own_command() -> int:
     """
     import subprocess
 
-    return subprocess.run(this_job_command(), cwd=os.getcwd()).returncode
+    return subprocess.run(this_job_command(module="rtda.train"), cwd=os.getcwd()).returncode

@@ -12,6 +12,7 @@ import logging
 import math
 import subprocess
 import warnings
+import zipfile
 from pathlib import Path
 
 import hydra
@@ -27,7 +28,9 @@ from rtda.ddp import (
     use_rtda_ddp_children,
 )
 from rtda.errors import ConfigValueError, RtdaError, exit_on_user_error, log_to_files, one_line, run_cli
-from rtda.io import atomic_write_text, check_writable
+from rtda.io import atomic_write_text, check_writable, holding_read_locks
+from rtda.launchers import job_resources, requeue_plugins
+from rtda.loggers import HistoryKeepingCSVLogger
 from rtda.results import format_summary, test_summary
 
 log = logging.getLogger("rtda")
@@ -42,15 +45,42 @@ def _git_revision() -> str | None:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``auto`` -> this run folder's ``checkpoints/last.ckpt`` when present (resume after preemption)."""
+    """``auto`` -> the newest whole checkpoint of this run folder: ``checkpoints/last.ckpt`` as a rule (resume
+    after preemption), or Lightning's ``hpc_ckpt_N.ckpt`` when its SLURM auto-requeue saved a newer one; none
+    (a fresh run): None, training starts from scratch.
+
+    A checkpoint cut short (the job was killed while writing it: Lightning does not write checkpoints
+    atomically) is passed over, with a warning, for the next newest.
+    """
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "auto":
         last = output_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        found = [*output_dir.glob("checkpoints/*.ckpt"), *output_dir.glob("hpc_ckpt_*.ckpt")]
+        # newest first; at equal times last.ckpt first (the top-k file of the same validation holds the same state)
+        found.sort(key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+        for candidate in found:
+            if zipfile.is_zipfile(candidate):
+                return str(candidate)
+            log.warning(f"ckpt_path=auto: {candidate} is truncated (the job was killed while writing it); passed over")
+        if last.is_file():
+            log.warning(f"ckpt_path=auto: no whole checkpoint in {last.parent}; starting afresh")
+        return None
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     return ckpt_path
+
+
+def resumed_iteration(ckpt_path: str | None) -> int | None:
+    """The training iteration a checkpoint was taken at (``global_step``), or None."""
+    if ckpt_path is None:
+        return None
+    import torch
+
+    try:
+        return int(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+    except Exception:  # a file check_checkpoint_fits accepted but without a step: nothing to trim
+        return None
 
 
 def random_init_warning(cfg: DictConfig) -> str | None:
@@ -73,6 +103,12 @@ def destinations(cfg: DictConfig) -> dict[str, Path]:
         if isinstance(logger, DictConfig) and logger.get("save_dir"):
             out[f"the {name} logger's files"] = Path(logger.save_dir)
     return out
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def is_rank_zero() -> bool:
@@ -115,11 +151,17 @@ def train(cfg: DictConfig) -> dict:
         "experiment": rtda_config.describe(cfg),
         "choices": rtda_config.choices(),
         "overrides": rtda_config.overrides(),
+        "seed": cfg.get("seed"),
         "run_dir": str(output_dir.resolve()),
         "git_revision": _git_revision(),
     }
     state: dict = {}
     try:
+        # on disk from the start: a job killed hard (SIGKILL, preemption) shows as "running" to rtda-compare
+        try:
+            write_results(output_dir, {**record, "started": _now()})
+        except OSError:
+            pass  # an unwritable folder: _train's check names it
         results = _train(cfg, record, state)
     except BaseException as err:
         module, ckpt_cb = state.get("module"), state.get("checkpoint_callback")
@@ -172,12 +214,18 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
         check_checkpoint_fits(ckpt_path, module)
 
     loggers = list(rtda_config.instantiate_dict(cfg.get("logger")).values())
+    resumed_at = resumed_iteration(ckpt_path) if cfg.get("train", True) else None
+    if resumed_at is not None and is_rank_zero():
+        for logger in loggers:  # rows logged after the checkpoint, before the job died, are logged again
+            if isinstance(logger, HistoryKeepingCSVLogger):
+                logger.forget_from(resumed_at)
     callbacks = list(rtda_config.instantiate_dict(cfg.get("callbacks")).values())
     if not loggers:  # LearningRateMonitor refuses to run without a logger; nothing to monitor into
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
     use_rtda_ddp_children()
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                  **method_strategy(cfg.trainer.get("strategy"), module))
+                                                  **method_strategy(cfg.trainer.get("strategy"), module),
+                                                  **requeue_plugins())
     for logger in loggers:
         logger.log_hyperparams({**resolved, "git_revision": record["git_revision"]})
 
@@ -244,7 +292,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if launches_processes(cfg.trainer) and shares_the_sweep_process():
         results = train_in_own_process(cfg)
     else:
-        results = train(cfg)
+        # a parallel sweep's job: a GPU of its own, or its share of the CPU; the data it reads stays as it is
+        with job_resources(cfg), holding_read_locks():
+            results = train(cfg)
     metric = cfg.get("optimized_metric")
     value = results.get("best_val_mIoU") if metric == "val/mIoU" else results.get(metric)
     if value is None:

@@ -110,8 +110,10 @@ def test_sweep_records_the_failed_job_and_runs_the_others(tiny_demo_dir, tmp_pat
     proc = run("rtda-train", ["-m", "optimizer.lr=1e6,0.01", *QUICK, *tiny_overrides(tiny_demo_dir)], tmp_path)
     assert_one_line_error(proc, "training diverged")
     sweep = next((tmp_path / "outputs" / "train" / "multiruns").iterdir())
-    first = json.loads((sweep / "0" / "results.json").read_text())
-    second = json.loads((sweep / "1" / "results.json").read_text())
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0_optimizer.lr=1000000.0", "1_optimizer.lr=0.01"], jobs  # one readable folder per job
+    first = json.loads((sweep / jobs[0] / "results.json").read_text())
+    second = json.loads((sweep / jobs[1] / "results.json").read_text())
     assert first["status"] == "failed" and "optimizer.lr=1000000.0" in " ".join(first["overrides"])
     assert second["status"] == "completed" and 0.0 <= second["test/mIoU"] <= 1.0
 

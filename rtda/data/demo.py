@@ -33,7 +33,7 @@ from PIL import Image
 
 from rtda.data.labels import ID_PALETTE, NAME_TO_ID
 from rtda.errors import run_cli
-from rtda.io import build_once
+from rtda.io import build_once, read_lock, release_read_lock
 
 GENERATOR_VERSION = 2
 _ID = NAME_TO_ID
@@ -440,7 +440,8 @@ def ensure_demo(root: str | Path, **spec_kwargs) -> Path:
 
     A ``demo.json`` stamp records the spec and generator version; a different spec regenerates. Built
     with :func:`rtda.io.build_once`: concurrent runs on a fresh data folder generate it once (the others
-    wait and reuse it), and an interrupted generation never leaves half a dataset under ``root``.
+    wait and reuse it), and an interrupted generation never leaves half a dataset under ``root``. Inside a run
+    (:func:`rtda.io.holding_read_locks`) the demo it uses is never replaced under it by a run of another spec.
     """
     root = Path(root)
     spec = DemoSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_kwargs.items()})
@@ -465,8 +466,13 @@ def ensure_demo(root: str | Path, **spec_kwargs) -> Path:
         (tmp / "demo.json").write_text(json.dumps(stamp, indent=2))  # the stamp last: it marks the folder complete
         print(f"rtda: wrote the demo domain pair to {root} in {time.perf_counter() - start:.1f} s")
 
-    build_once(root, is_complete, build)
-    return root
+    # a run holds a read lock on the demo it trains on; a run asking for another spec (a sweep over the gap,
+    # say) builds its copy meanwhile and swaps it in only when no run reads the old one any more
+    while True:
+        build_once(root, is_complete, build, readers=True)
+        if not read_lock(root) or is_complete(root):
+            return root
+        release_read_lock(root)  # replaced by a run of another spec between the build and the lock: again
 
 
 def main(argv=None) -> None:

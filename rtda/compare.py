@@ -1,0 +1,397 @@
+"""``rtda-compare PATH…``: gather the runs under run or sweep folders into one table (and plot) of target
+mIoU and per-class IoU, seeds averaged.
+
+    rtda-compare outputs/train/multiruns/2026-11-28_10-00-00-000000      # one sweep
+    rtda-compare outputs/train/multiruns/A outputs/train/multiruns/B      # several sweeps and runs together
+    rtda-compare SWEEP --out report/ --ignore trainer.max_steps           # merge runs that differ only in that key
+
+Every ``results.json`` written by ``rtda-train`` under the given folders is one run. Runs are grouped by what
+made them — their config-group choices (``adaptation=advent``, ``model=…``) and value overrides
+(``optimizer.lr=…``) — minus the seed and the keys that do not change the experiment (paths, loggers,
+Hydra's own settings, ``ckpt_path``, ``run_name``, ``data.num_workers``). Each group gives one row: its
+number of runs and their seeds, the mean ± standard deviation (across runs, ``ddof=1``) of the target test
+mIoU in %, and the mean IoU of every class in %. A class that is NaN in a run (absent from both ground
+truth and prediction) is left out of that class's mean, as in the Cityscapes benchmark. Failed,
+interrupted and still-running jobs are listed apart and never averaged.
+
+Writes ``comparison.csv``, ``comparison.md`` and ``comparison_per_class.png`` (grouped bars, std as error
+bars) into ``--out`` (default: the single folder given, else ``./comparison``). W&B is not needed.
+
+The Python API is what the notebooks use::
+
+    from rtda.compare import load_runs, summarize, plot_per_class
+    runs = load_runs(["outputs/train/multiruns/…"])
+    rows = summarize(runs)                  # list of dicts; pandas.DataFrame(rows) for a frame
+    plot_per_class(rows, "per_class.png")
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from rtda.errors import RtdaError, run_cli
+
+#: override keys (and prefixes, ending in ".") that do not change what a run measures: never grouped on
+NOT_EXPERIMENT_KEYS = ("seed", "hydra.", "paths.", "ckpt_path", "run_name", "logger", "logger.", "callbacks.",
+                       "data.num_workers", "data.pin_memory", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
+                       "trainer.enable_model_summary", "tags", "task_name")
+#: config groups whose choice does not change what a run measures
+NOT_EXPERIMENT_GROUPS = ("paths", "logger", "callbacks", "hydra", "debug")
+#: the groups shown first in a label, in this order
+GROUP_ORDER = ("experiment", "data", "model", "augmentation", "adaptation", "optimizer", "trainer")
+
+
+def _ignored(key: str, extra: Sequence[str] = ()) -> bool:
+    for pattern in (*NOT_EXPERIMENT_KEYS, *extra):
+        if key == pattern or (pattern.endswith(".") and key.startswith(pattern)) or key.startswith(pattern + "."):
+            return True
+    return False
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    key, _, value = text.partition("=")
+    return key.lstrip("+~"), value
+
+
+def _natural(path: Path) -> list:
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def find_results(paths: Iterable[str | Path]) -> list[Path]:
+    """Every ``results.json`` at or under ``paths`` (a run folder, a sweep folder, a results.json), each once."""
+    found: dict[Path, None] = {}
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise RtdaError(f"{path}: no such file or folder")
+        if path.is_file():
+            if path.name != "results.json":
+                raise RtdaError(f"{path}: expected a run or sweep folder, or a results.json")
+            files = [path]
+        else:
+            files = sorted((p for p in path.rglob("results.json") if "wandb" not in p.parts), key=_natural)
+            if not files:
+                raise RtdaError(f"{path}: no results.json under this folder (expected an rtda-train run or sweep folder)")
+        for f in files:
+            found.setdefault(f.resolve(), None)
+    return list(found)
+
+
+def _seed(results: dict, run_dir: Path):
+    if "seed" in results:
+        return results["seed"]
+    for text in results.get("overrides") or []:
+        key, value = _split_override(text)
+        if key == "seed":
+            return None if value in ("null", "None") else _number(value)
+    config = run_dir / ".hydra" / "config.yaml"
+    if config.is_file():
+        from omegaconf import OmegaConf
+
+        return OmegaConf.load(config).get("seed")
+    return None
+
+
+def _number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def load_run(path: str | Path, ignore: Sequence[str] = ()) -> dict:
+    """One run from its ``results.json`` (or its folder): status, seed, the setting that groups it, scores.
+
+    Returns a dict with ``run_dir``, ``status`` (``completed`` / ``failed`` / ``running``: a job killed hard
+    or still running), ``seed``, ``setting`` (``{"adaptation": "advent", "optimizer.lr": "0.01", …}``: the
+    choices and value overrides that define the experiment, seed and ``ignore`` keys left out), ``mIoU``
+    (target test mIoU as a fraction, or None), ``IoU`` (class -> fraction or None), ``best_val_mIoU``,
+    ``error`` and ``results`` (the whole file).
+    """
+    path = Path(path)
+    file = path / "results.json" if path.is_dir() else path
+    try:
+        results = json.loads(file.read_text())
+    except FileNotFoundError as err:
+        raise RtdaError(f"{file}: no such file") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RtdaError(f"{file}: not a readable results.json ({err})") from err
+    if not isinstance(results, dict):
+        raise RtdaError(f"{file}: not an rtda results.json (expected a JSON object)")
+    run_dir = file.parent
+    choices = results.get("choices") or {}
+    setting = {k: str(v) for k, v in choices.items()
+               if k.split("/")[0] not in NOT_EXPERIMENT_GROUPS and not _ignored(k, ignore)}
+    for text in results.get("overrides") or []:
+        key, value = _split_override(text)
+        if key in choices or _ignored(key, ignore):  # a group choice: already in `setting` as chosen
+            continue
+        setting[key] = value
+    test = results.get("test") or {}
+    status = results.get("status") or ("completed" if test else "unknown")
+    return {
+        "run_dir": str(run_dir),
+        "status": status,
+        "seed": _seed(results, run_dir),
+        "setting": setting,
+        "mIoU": test.get("mIoU"),
+        "IoU": dict(test.get("IoU") or {}),
+        "best_val_mIoU": results.get("best_val_mIoU"),
+        "error": results.get("error"),
+        "results": results,
+    }
+
+
+def load_runs(paths: Iterable[str | Path], ignore: Sequence[str] = ()) -> list[dict]:
+    """Every run under ``paths`` (run folders, sweep folders, results.json files), as :func:`load_run` gives."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    return [load_run(f, ignore) for f in find_results(paths)]
+
+
+def _ordered(keys: Iterable[str]) -> list[str]:
+    keys = list(dict.fromkeys(keys))
+    first = [k for k in GROUP_ORDER if k in keys]
+    return first + sorted(k for k in keys if k not in GROUP_ORDER)
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(runs: Sequence[dict]) -> list[dict]:
+    """One row per setting over the completed runs that have test scores (mean over seeds, in %).
+
+    Each row: ``group`` (what differs between the settings, e.g. ``adaptation=advent seed-mean``), ``setting``
+    (the whole setting), ``runs``, ``seeds``, ``mIoU`` / ``mIoU_std`` (std None for a single run),
+    ``best_val_mIoU``, ``IoU/<class>`` (mean, NaN classes left out), ``IoU_std/<class>`` and ``run_dirs``.
+    Rows keep the order in which their first run was found. ``pandas.DataFrame(rows)`` gives a frame.
+    """
+    done = [r for r in runs if r["status"] == "completed" and r["mIoU"] is not None]
+    groups: dict[tuple, list[dict]] = {}
+    for run in done:
+        groups.setdefault(tuple(sorted(run["setting"].items())), []).append(run)
+    settings = [dict(key) for key in groups]
+    all_keys = _ordered(k for s in settings for k in s)
+    varying = [k for k in all_keys if len({s.get(k) for s in settings}) > 1]
+    classes = list(dict.fromkeys(name for r in done for name in r["IoU"]))
+    rows = []
+    for key, members in groups.items():
+        setting = dict(key)
+        label = " ".join(f"{k}={setting.get(k, '(default)')}" for k in varying)
+        if not label:
+            label = " ".join(f"{k}={setting[k]}" for k in ("experiment", "data", "model", "adaptation") if k in setting) or "all runs"
+        mean, std = _mean_std([r["mIoU"] for r in members])
+        val, _ = _mean_std([r["best_val_mIoU"] for r in members])
+        row = {
+            "group": label,
+            "runs": len(members),
+            "seeds": [r["seed"] for r in members],
+            "mIoU": _pct(mean),
+            "mIoU_std": _pct(std),
+            "best_val_mIoU": _pct(val),
+        }
+        for name in classes:
+            m, s = _mean_std([r["IoU"].get(name) for r in members])
+            row[f"IoU/{name}"] = _pct(m)
+            row[f"IoU_std/{name}"] = _pct(s)
+        row["setting"] = setting
+        row["run_dirs"] = [r["run_dir"] for r in members]
+        rows.append(row)
+    return rows
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+def not_averaged(runs: Sequence[dict]) -> list[dict]:
+    """The runs left out of :func:`summarize`: failed, interrupted or running jobs, and runs without test scores."""
+    return [r for r in runs if not (r["status"] == "completed" and r["mIoU"] is not None)]
+
+
+def common_setting(runs: Sequence[dict]) -> dict:
+    """The setting keys every completed run shares (shown once above the table)."""
+    settings = [r["setting"] for r in runs if r["status"] == "completed"]
+    if not settings:
+        return {}
+    return {k: v for k, v in settings[0].items() if all(s.get(k) == v for s in settings[1:])}
+
+
+def class_names(rows: Sequence[dict]) -> list[str]:
+    return [k.split("/", 1)[1] for k in (rows[0] if rows else {}) if k.startswith("IoU/")]
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _miou_cell(row: dict) -> str:
+    return f"{_fmt(row['mIoU'])} ± {_fmt(row['mIoU_std'])}" if row["mIoU_std"] is not None else _fmt(row["mIoU"])
+
+
+def table(rows: Sequence[dict], per_class: bool = True) -> tuple[list[str], list[list[str]]]:
+    """(header, cells) of the comparison table, numbers in % with two decimals."""
+    names = class_names(rows) if per_class else []
+    header = ["group", "runs", "seeds", "mIoU (%)", *names]
+    cells = [[row["group"], str(row["runs"]), ",".join(str(s) for s in row["seeds"]), _miou_cell(row),
+              *(_fmt(row[f"IoU/{n}"], 1) for n in names)] for row in rows]
+    return header, cells
+
+
+def to_markdown(rows: Sequence[dict], runs: Sequence[dict] = ()) -> str:
+    header, cells = table(rows)
+    lines = []
+    common = common_setting(runs)
+    if common:
+        lines += ["Common to all runs: " + " ".join(f"`{k}={v}`" for k, v in common.items()), ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    left_out = not_averaged(runs)
+    if left_out:
+        lines += ["", "Not averaged:", ""]
+        lines += [f"- `{r['run_dir']}`: {r['status']}" + (f" ({r['error']})" if r.get("error") else "") for r in left_out]
+    return "\n".join(lines) + "\n"
+
+
+def to_text(rows: Sequence[dict], runs: Sequence[dict] = ()) -> str:
+    """The table as printed on the console: mIoU first, then one column per class (IoU, %)."""
+    header, cells = table(rows)
+    widths = [max(len(x) for x in col) for col in zip(header, *cells)]
+    out = []
+    common = common_setting(runs)
+    if common:
+        out.append("common to all runs: " + " ".join(f"{k}={v}" for k, v in common.items()))
+    out.append("target test mIoU and per-class IoU (%), mean over runs (± std):")
+    for i, line in enumerate([header, *cells]):
+        out.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    for run in not_averaged(runs):
+        out.append(f"not averaged ({run['status']}): {run['run_dir']}" + (f": {run['error']}" if run.get("error") else ""))
+    return "\n".join(out)
+
+
+def write_csv(rows: Sequence[dict], path: str | Path) -> None:
+    """One line per group: group, runs, seeds, mIoU, mIoU_std, best_val_mIoU, IoU/<class>, IoU_std/<class>, setting."""
+    from rtda.io import atomic_write_text
+
+    names = class_names(rows)
+    fields = ["group", "runs", "seeds", "mIoU", "mIoU_std", "best_val_mIoU",
+              *(f"IoU/{n}" for n in names), *(f"IoU_std/{n}" for n in names), "setting", "run_dirs"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "seeds": " ".join(str(s) for s in row["seeds"]),
+                         "setting": " ".join(f"{k}={v}" for k, v in row["setting"].items()),
+                         "run_dirs": " ".join(row["run_dirs"])})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def plot_per_class(rows: Sequence[dict], path: str | Path | None = None, title: str | None = None):
+    """Grouped bar chart of per-class IoU (%), one bar colour per group, std over runs as error bars.
+
+    Saves a PNG when ``path`` is given; returns the matplotlib Figure (for notebooks)."""
+    import matplotlib
+
+    if path is not None and matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = class_names(rows)
+    if not rows or not names:
+        raise RtdaError("nothing to plot: no completed run with per-class IoU")
+    width = 0.8 / len(rows)
+    x = np.arange(len(names) + 1)
+    fig, ax = plt.subplots(figsize=(max(10, 0.55 * len(x) * max(1, len(rows) ** 0.5)), 4.5))
+    for i, row in enumerate(rows):
+        means = [row["mIoU"], *(row[f"IoU/{n}"] for n in names)]
+        stds = [row["mIoU_std"], *(row[f"IoU_std/{n}"] for n in names)]
+        heights = [np.nan if v is None else v for v in means]
+        errors = [0.0 if s is None else s for s in stds]
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, heights, width, yerr=errors if any(errors) else None,
+               capsize=2, label=f"{row['group']} (n={row['runs']})")
+    ax.set_xticks(x, ["mIoU", *names], rotation=45, ha="right")
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title or "target test IoU per class (mean over runs)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper right")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
+def compare(paths: Sequence[str | Path], out: str | Path | None = None, ignore: Sequence[str] = (),
+            plot: bool = True) -> dict:
+    """Load, summarise, print and write the comparison; returns ``{"rows", "runs", "files"}``."""
+    runs = load_runs(paths, ignore)
+    rows = summarize(runs)
+    if out is None:
+        only = Path(paths[0]) if len(paths) == 1 else None
+        out = only if only is not None and only.is_dir() else Path("comparison")
+    out = Path(out)
+    from rtda.io import atomic_write_text, check_writable
+
+    check_writable(out, "the comparison")
+    files = {"csv": out / "comparison.csv", "markdown": out / "comparison.md"}
+    write_csv(rows, files["csv"])
+    atomic_write_text(files["markdown"], to_markdown(rows, runs))
+    if plot and rows:
+        files["plot"] = out / "comparison_per_class.png"
+        plot_per_class(rows, files["plot"])
+    print(to_text(rows, runs))
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    if not rows:
+        print("rtda-compare: no completed run with test scores to average", file=sys.stderr)
+    return {"rows": rows, "runs": runs, "files": files}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every rtda command
+        raise RtdaError(f"{message} (usage: rtda-compare PATH... [--out DIR] [--ignore KEY ...])")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = _Parser(prog="rtda-compare", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run folders, sweep folders or results.json files")
+    parser.add_argument("--out", default=None, help="folder for comparison.{csv,md} and the plot "
+                        "(default: the folder given when there is one, else ./comparison)")
+    parser.add_argument("--ignore", nargs="*", default=[], metavar="KEY",
+                        help="override keys (or prefixes ending in '.') not to group on, besides the seed")
+    parser.add_argument("--no-plot", action="store_true", help="skip the per-class bar chart")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    def task():
+        args = parse_args(argv)
+        result = compare(args.paths, out=args.out, ignore=args.ignore, plot=not args.no_plot)
+        if not result["rows"]:
+            raise SystemExit(1)
+
+    run_cli(task)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Preemption-safe resume: ckpt_path=auto, periodic checkpoints, random states, the CSV history, SIGKILL."""
+
+import csv
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TINY_DEMO, tiny_overrides
+
+ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+       "HYDRA_FULL_ERROR": "0", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
+
+
+def test_random_state_round_trips_and_loads_weights_only(tmp_path):
+    from rtda.callbacks import RandomState
+
+    cb = RandomState()
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.save({"callbacks": {"RandomState": cb.state_dict()}}, tmp_path / "c.ckpt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    cb.load_state_dict(torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"]["RandomState"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def test_auto_passes_over_a_truncated_last_checkpoint(tmp_path):
+    import time
+
+    from rtda.train import resolve_ckpt_path
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    assert resolve_ckpt_path("auto", tmp_path) is None  # nothing yet: from scratch
+    torch.save({"a": 1}, folder / "step000004-mIoU0.1000.ckpt")
+    time.sleep(0.01)
+    torch.save({"a": 2}, folder / "last.ckpt")
+    assert resolve_ckpt_path("auto", tmp_path) == str(folder / "last.ckpt")
+    whole = (folder / "last.ckpt").read_bytes()
+    (folder / "last.ckpt").write_bytes(whole[: len(whole) // 2])  # killed while writing it
+    assert resolve_ckpt_path("auto", tmp_path) == str(folder / "step000004-mIoU0.1000.ckpt")
+    assert resolve_ckpt_path(None, tmp_path) is None
+
+
+def test_csv_rows_after_the_resumed_checkpoint_are_dropped_once(tmp_path):
+    from rtda.loggers import HistoryKeepingCSVLogger
+
+    logger = HistoryKeepingCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.log_metrics({"train/loss": 0.5}, step=1)
+    logger.log_metrics({"val/mIoU": 0.2}, step=1)
+    logger.log_metrics({"train/loss": 0.4}, step=2)  # after the checkpoint of iteration 2, flushed before the kill
+    logger.save()
+    assert HistoryKeepingCSVLogger(save_dir=str(tmp_path), name="csv", version="").forget_from(2) == 1
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["train/loss"], r["val/mIoU"]) for r in rows] == [("0", "1.0", ""), ("1", "0.5", ""), ("1", "", "0.2")]
+
+
+def _train(args, cwd):
+    return subprocess.run(["rtda-train", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def _history(folder: Path) -> list[tuple]:
+    with open(folder / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [(r["step"], r.get("train/loss", ""), r.get("val/mIoU", ""), r.get("test/mIoU", "")) for r in rows
+            if r.get("train/loss") or r.get("val/mIoU") or r.get("test/mIoU")]
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_same_final_metrics(tiny_demo_dir, tmp_path):
+    """Run A uninterrupted; run B killed with SIGKILL after the checkpoint of iteration 6 (the end of an epoch
+    of the 12-image source at batch 2), then the same command again (ckpt_path=auto, same run_name): the same
+    losses at every iteration, the same validation and test mIoU, and each iteration once in the CSV history.
+    CPU, trainer.deterministic=true."""
+    assert TINY_DEMO["source_count"] // 2 == 6
+    common = ["trainer.max_steps=10", "trainer.val_check_interval=5", "trainer.log_every_n_steps=1",
+              "trainer.deterministic=true", "callbacks.periodic_checkpoint.every_n_train_steps=3", "data.batch_size=2",
+              "data.num_workers=0", "data.source_size=[36,64]", "data.target_size=[32,64]", *tiny_overrides(tiny_demo_dir)]
+    a = _train([*common, "run_name=A"], tmp_path)
+    assert a.returncode == 0, a.stderr[-3000:]
+    killed = _train([*common, "run_name=B", "logger=many", "+callbacks.kill._target_=kill_at.KillAt",
+                     "+callbacks.kill.iteration=6"], tmp_path)
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no cleanup ran
+    folder_b = tmp_path / "outputs" / "train" / "runs" / "B"
+    assert json.loads((folder_b / "results.json").read_text())["status"] == "running"  # what rtda-compare shows
+    assert torch.load(folder_b / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    resumed = _train([*common, "run_name=B", "logger=many"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+
+    folder_a = tmp_path / "outputs" / "train" / "runs" / "A"
+    ra, rb = (json.loads((f / "results.json").read_text()) for f in (folder_a, folder_b))
+    assert rb["status"] == "completed"
+    assert rb["test/mIoU"] == ra["test/mIoU"] and rb["best_val_mIoU"] == ra["best_val_mIoU"]
+    assert rb["test"]["IoU"] == ra["test"]["IoU"]
+    history_a, history_b = _history(folder_a), _history(folder_b)
+    assert [h[0] for h in history_a if h[1]] == [str(i) for i in range(10)]  # one training row per iteration
+    assert history_b == history_a  # the same values, nothing lost or repeated across the kill
+    # the W&B run continues: both processes wrote to the run id of the folder
+    ids = {p.name.rsplit("-", 2)[-2] + "-" + p.name.rsplit("-", 1)[-1] for p in (folder_b / "wandb").glob("offline-run-*")}
+    assert len(list((folder_b / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1
