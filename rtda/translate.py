@@ -12,7 +12,7 @@ translated image (PNG whatever the source's format), ``OUT/labels/<name>.png`` a
 label (and the source's split lists ``ROOT/*.txt`` are copied too): ``data.source.root=OUT`` reads it as it
 read the source.
 
-- **Resolution**: each image is translated at its own size (``size=[H,W]`` resizes it first, bilinear; its
+- **Resolution**: each image is translated at its own size (``size=[H,W]`` resizes it first, bilinear as the training transform; its
   label is still copied as it is, and the GTA5 reader resizes labels to their image). The CycleGAN generator
   is fully convolutional: sides that are not multiples of 4 are reflect-padded and cropped back.
 - **cyclegan**: the source → target generator (``g_s2t``) of an ``adaptation=cyclegan`` checkpoint, in
@@ -97,10 +97,13 @@ def remove_stale_temporaries(folder: Path) -> int:
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """H×W×3 uint8 → ``size`` (H, W), bilinear (PIL)."""
+    """H×W×3 uint8 → ``size`` (H, W), bilinear as the training transform resizes (albumentations' ``Resize``:
+    OpenCV ``INTER_LINEAR``), so a copy translated at the training size holds what training would have seen."""
     if image.shape[:2] == tuple(size):
         return image
-    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+    import cv2
+
+    return cv2.resize(image, (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
 
 
 class _Pending(Dataset):
@@ -279,7 +282,6 @@ def translate(cfg: DictConfig) -> dict:
 
     loader = DataLoader(_Pending(pending, settings["size"], fda), batch_size=1, shuffle=False, collate_fn=_first,
                         num_workers=cfg.num_workers if pending else 0)
-    record["status"] = "incomplete"
     with ThreadPoolExecutor(max_workers=2) as writers, tqdm(total=len(source.image_paths), initial=done,
                                                             desc=f"rtda-translate {settings['method']}", unit="img") as bar:
         futures = []
@@ -293,9 +295,8 @@ def translate(cfg: DictConfig) -> dict:
             if generator is not None:
                 image = translate_image(generator, image[None].to(device))[0].cpu()
             futures.append(writers.submit(write, item["stem"], image.permute(1, 2, 0).numpy()))
-            for f in [f for f in futures if f.done()]:
-                f.result()  # an error in a writer stops the run here
-                futures.remove(f)
+            while futures and (futures[0].done() or len(futures) > 8):  # at most 8 images wait for a writer
+                futures.pop(0).result()  # an error in a writer stops the run here
                 bar.update(1)
         for f in futures:
             f.result()
