@@ -63,7 +63,7 @@ class SegmentationModule(pl.LightningModule):
     """Supervised segmentation on the source domain, scored on the target domain.
 
     Args:
-        net: the segmentation network; in training mode it may return
+        net: the segmentation network (None for a method without one, ``has_segmenter = False``); in training mode it may return
             :class:`rtda.models.outputs.SegmentationOutputs` whose ``aux`` heads are weighted in the loss by
             ``net.aux_weights[name]``.
         optimizer: a partial optimizer (Hydra ``_partial_: true``) taking parameter groups (None: evaluation only).
