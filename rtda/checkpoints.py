@@ -52,6 +52,11 @@ def build_net(ckpt: dict, path: str | Path = "checkpoint") -> nn.Module:
     model_cfg["pretrained"] = False  # the checkpoint holds the weights; fetch nothing
     net = hydra.utils.instantiate(model_cfg)
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    if not state:  # a method without a segmenter (CycleGAN's translator)
+        method = str(ckpt["rtda"]["config"].get("adaptation", {}).get("_target_", "?")).rsplit(".", 1)[-1]
+        hint = (f"; it is a CycleGAN translator: rtda-translate method=cyclegan ckpt_path={path} out=<folder>"
+                if any(k.startswith("g_s2t.") for k in ckpt["state_dict"]) else "")
+        raise CheckpointError(f"{path} holds no segmentation network (trained by {method}){hint}")
     try:
         net.load_state_dict(state)
     except RuntimeError as err:

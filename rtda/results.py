@@ -30,6 +30,10 @@ def format_summary(results: dict) -> str:
         lines.append("per-class IoU:")
         for name, iou in test["IoU"].items():
             lines.append(f"  {name:<14} {'   n/a' if iou is None else f'{100 * iou:6.2f}'}")
+    if results.get("note"):  # a run without a score (CycleGAN's translator) says what it left instead
+        lines.append(results["note"])
+        if results.get("samples"):
+            lines.append(f"sample translations: {results['samples'][-1]}")
     if results.get("best_val_mIoU") is not None:
         lines.append(f"best val mIoU: {100 * results['best_val_mIoU']:.2f}")
     lines.append(f"run folder: {results['run_dir']}")

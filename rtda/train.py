@@ -138,6 +138,41 @@ def method_strategy(strategy, module) -> dict:
     return {"strategy": entry["strategy"](**{**entry["init_params"], **options})}
 
 
+def has_segmenter(cfg: DictConfig) -> bool:
+    """Whether the run's method trains a segmentation network: its class's ``has_segmenter`` (False for
+    CycleGAN's translator). A ``_target_`` that does not import is reported when it is instantiated."""
+    target = OmegaConf.select(cfg, "adaptation._target_")
+    try:
+        return bool(getattr(hydra.utils.get_class(target), "has_segmenter", True)) if target else True
+    except Exception:  # noqa: BLE001 -- instantiate() names the bad target in one line
+        return True
+
+
+def without_segmenter_callbacks(callbacks_cfg: DictConfig | None, val_check_interval) -> DictConfig | None:
+    """The callbacks of a run with no segmenter (nothing logs ``val/*``): a ``ModelCheckpoint`` loses its
+    monitor and saves every ``val_check_interval`` iterations (``step<N>.ckpt``, the latest kept, plus
+    ``last.ckpt``); an ``EarlyStopping`` on a metric is dropped."""
+    if not callbacks_cfg:
+        return callbacks_cfg
+    out = OmegaConf.create(OmegaConf.to_container(callbacks_cfg, resolve=True))
+    for name in list(out):
+        node = out[name]
+        target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+        if target.endswith("EarlyStopping"):
+            log.info("callbacks.%s dropped: the method has no segmenter, so nothing is validated", name)
+            del out[name]
+        elif target.endswith("ModelCheckpoint") and node.get("monitor"):
+            node.monitor = None
+            node.mode = "min"
+            node.filename = "step{step:06d}"
+            if isinstance(val_check_interval, int):
+                node.every_n_train_steps = val_check_interval
+            else:
+                node.every_n_epochs = 1
+                node.save_on_train_epoch_end = True
+    return out
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one experiment; returns the results written to ``results.json``.
 
@@ -194,14 +229,15 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
     rtda_config.check_values(cfg)
     for what, folder in destinations(cfg).items():
         check_writable(folder, what)
-    warnings_seen = [w for w in [random_init_warning(cfg)] if w]
+    segmenter = has_segmenter(cfg)  # False: a translator (CycleGAN), no model to build, validate or test
+    warnings_seen = [w for w in [random_init_warning(cfg) if segmenter else None] if w]
     for warning in warnings_seen:
         log.warning(warning)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data, augmentation=cfg.get("augmentation"))
-    net = hydra.utils.instantiate(cfg.model)
+    net = hydra.utils.instantiate(cfg.model) if segmenter else None
     module = hydra.utils.instantiate(cfg.adaptation, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer))
     state["module"] = module
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -219,13 +255,16 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
         for logger in loggers:  # rows logged after the checkpoint, before the job died, are logged again
             if isinstance(logger, HistoryKeepingCSVLogger):
                 logger.forget_from(resumed_at)
-    callbacks = list(rtda_config.instantiate_dict(cfg.get("callbacks")).values())
+    callbacks_cfg = cfg.get("callbacks") if segmenter else without_segmenter_callbacks(
+        cfg.get("callbacks"), cfg.trainer.get("val_check_interval"))
+    callbacks = list(rtda_config.instantiate_dict(callbacks_cfg).values())
     if not loggers:  # LearningRateMonitor refuses to run without a logger; nothing to monitor into
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
     use_rtda_ddp_children()
+    no_eval = {} if segmenter else {"limit_val_batches": 0, "limit_test_batches": 0}
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                   **method_strategy(cfg.trainer.get("strategy"), module),
-                                                  **requeue_plugins())
+                                                  **requeue_plugins(), **no_eval)
     for logger in loggers:
         logger.log_hyperparams({**resolved, "git_revision": record["git_revision"]})
 
@@ -242,7 +281,7 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
         elif ckpt_path:
             tested = ckpt_path
         best = getattr(ckpt_cb, "best_model_path", "") or None
-        if cfg.get("test", True):
+        if cfg.get("test", True) and segmenter:
             test_ckpt = None  # the weights in memory: the final ones, or those loaded below
             if cfg.get("test_ckpt") == "best" and best:
                 test_ckpt = tested = best
@@ -271,6 +310,9 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
         results["test/mIoU"] = results["test"]["mIoU"]
     if module.test_results:
         results["test/confmat"] = module.test_results["confmat"]
+    if not segmenter:  # what the run leaves instead of a score: checkpoints, samples, losses
+        results.update({"best_val_mIoU": None, "best_checkpoint": None, "tested_weights": None,
+                        **module.run_summary(trainer)})
     return results
 
 
@@ -289,6 +331,8 @@ def train_in_own_process(cfg: DictConfig) -> dict:
 @rtda_config.closes_wandb
 def _hydra_main(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # a method without a segmenter checkpoints every N iterations, after its optimizers stepped: as intended
+    warnings.filterwarnings("ignore", ".*ModelCheckpoint with manual optimization and every_n_train_steps.*")
     if launches_processes(cfg.trainer) and shares_the_sweep_process():
         results = train_in_own_process(cfg)
     else:

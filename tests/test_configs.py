@@ -33,7 +33,8 @@ def test_contract_options_exist():
     assert {"demo", "demo_oracle"} <= set(options("data"))
     assert "bisenet_r18" in options("model")
     assert {"none", "geometric", "photometric"} <= set(options("augmentation"))
-    assert {"source_only", "adversarial", "minent", "advent", "fda", "fda_ssl"} <= set(options("adaptation"))
+    assert {"source_only", "adversarial", "minent", "advent", "fda", "fda_ssl", "cyclegan"} <= set(options("adaptation"))
+    assert {"gta5_cyclegan", "gta5_cyclegan_source_only", "demo_cyclegan", "demo_cyclegan_source_only"} <= set(options("experiment"))
     assert {"gta5_adversarial", "gta5_adversarial_multi", "gta5_minent", "gta5_advent", "demo_adversarial",
             "demo_minent", "demo_advent", "gta5_fda", "gta5_fda_ssl", "demo_fda", "demo_fda_ssl"} <= set(options("experiment"))
     assert {"fdr", "overfit", "limit", "profiler"} <= set(options("debug"))
@@ -45,9 +46,11 @@ def test_every_option_composes(group, option, tmp_path):
     assert cfg.data.num_classes == 19
     if group in ("data", "model", "augmentation", "adaptation", "optimizer"):
         net = hydra.utils.instantiate(cfg.model)
-        module = hydra.utils.instantiate(cfg.adaptation, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer))
+        segmenter = getattr(hydra.utils.get_class(cfg.adaptation._target_), "has_segmenter", True)
+        module = hydra.utils.instantiate(cfg.adaptation, net=net if segmenter else None,
+                                         optimizer=hydra.utils.instantiate(cfg.optimizer))
         dm = hydra.utils.instantiate(cfg.data, augmentation=cfg.augmentation)
-        assert module.net is net and dm.num_classes == 19
+        assert module.net is (net if segmenter else None) and dm.num_classes == 19
     if group in ("logger", "callbacks"):
         for node in (cfg.get("logger") or {}).values():
             assert hydra.utils.instantiate(node) is not None

@@ -63,7 +63,7 @@ class SegmentationModule(pl.LightningModule):
     """Supervised segmentation on the source domain, scored on the target domain.
 
     Args:
-        net: the segmentation network; in training mode it may return
+        net: the segmentation network (None for a method without one, ``has_segmenter = False``); in training mode it may return
             :class:`rtda.models.outputs.SegmentationOutputs` whose ``aux`` heads are weighted in the loss by
             ``net.aux_weights[name]``.
         optimizer: a partial optimizer (Hydra ``_partial_: true``) taking parameter groups (None: evaluation only).
@@ -86,6 +86,9 @@ class SegmentationModule(pl.LightningModule):
     """
 
     uses_target_images: bool = False
+    #: False for a method that trains no segmentation network (CycleGAN's translator): rtda-train then builds
+    #: nothing from the ``model`` group, runs no validation or test, and checkpoints without a monitor
+    has_segmenter: bool = True
     #: keyword arguments a DDP strategy needs for this method (rtda-train applies them to ``trainer.strategy``)
     strategy_options: dict = {}
 
@@ -106,7 +109,8 @@ class SegmentationModule(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"])
-        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        # None for a method without a segmenter (``has_segmenter = False``: CycleGAN's translator)
+        self.net = net.to(memory_format=torch.channels_last) if channels_last and net is not None else net
         self.optimizer_factory = optimizer
         self.class_names = list(class_names or CLASS_NAMES[:num_classes])
         if len(self.class_names) != num_classes:
