@@ -33,10 +33,12 @@ def test_contract_options_exist():
     assert {"demo", "demo_oracle"} <= set(options("data"))
     assert "bisenet_r18" in options("model")
     assert {"none", "geometric", "photometric"} <= set(options("augmentation"))
-    assert {"source_only", "adversarial", "minent", "advent", "fda", "fda_ssl", "cyclegan"} <= set(options("adaptation"))
+    assert {"source_only", "adversarial", "minent", "advent", "fda", "fda_ssl", "cyclegan", "dacs", "mic"} <= set(options("adaptation"))
     assert {"gta5_cyclegan", "gta5_cyclegan_source_only", "demo_cyclegan", "demo_cyclegan_source_only"} <= set(options("experiment"))
     assert {"gta5_adversarial", "gta5_adversarial_multi", "gta5_minent", "gta5_advent", "demo_adversarial",
-            "demo_minent", "demo_advent", "gta5_fda", "gta5_fda_ssl", "demo_fda", "demo_fda_ssl"} <= set(options("experiment"))
+            "demo_minent", "demo_advent", "gta5_fda", "gta5_fda_ssl", "demo_fda", "demo_fda_ssl",
+            "gta5_dacs", "gta5_dacs_rcs", "gta5_mic", "gta5_dacs_bisenet", "gta5_dacs_rcs_bisenet", "gta5_mic_bisenet",
+            "demo_dacs", "demo_mic"} <= set(options("experiment"))
     assert {"fdr", "overfit", "limit", "profiler"} <= set(options("debug"))
 
 

@@ -50,11 +50,18 @@ def _no_closure() -> None:
     return None
 
 
-def poly_lambda(max_iters: int, power: float = 0.9) -> Callable[[int], float]:
-    """``lr = base_lr * (1 - it / max_iters) ** power``, the DeepLab schedule the references step per iteration."""
+def poly_lambda(max_iters: int, power: float = 0.9, warmup_iters: int = 0, warmup_ratio: float = 1e-6) -> Callable[[int], float]:
+    """``lr = base_lr * (1 - it / max_iters) ** power``, the DeepLab schedule the references step per iteration.
+
+    With ``warmup_iters > 0``, mmcv's linear warm-up (DAFormer/MIC: 1500 iterations, ratio 1e-6) scales it
+    during the first iterations: ``poly(it) * (1 - (1 - it / warmup_iters) * (1 - warmup_ratio))``, from
+    ``warmup_ratio`` of the poly rate at iteration 0 to all of it at ``warmup_iters``."""
 
     def factor(it: int) -> float:
-        return (1.0 - min(it, max_iters) / max_iters) ** power
+        poly = (1.0 - min(it, max_iters) / max_iters) ** power
+        if it < warmup_iters:
+            poly *= 1.0 - (1.0 - it / warmup_iters) * (1.0 - warmup_ratio)
+        return poly
 
     return factor
 
@@ -83,6 +90,9 @@ class SegmentationModule(pl.LightningModule):
             statistics, but the running statistics stay the source's. No effect on frozen BatchNorm.
         gradient_clip_val: clip every optimizer's gradient norm to this value before its step (null: no
             clipping, as the references). Works with manual optimization, unlike ``trainer.gradient_clip_val``.
+        warmup_iters: linear learning-rate warm-up over this many iterations before the poly schedule takes
+            over (0: none, as the seed's references; DAFormer/MIC: 1500), starting at ``warmup_ratio`` × the
+            rate (1e-6); applies to every optimizer of the method (:func:`poly_lambda`).
     """
 
     uses_target_images: bool = False
@@ -106,6 +116,8 @@ class SegmentationModule(pl.LightningModule):
         poly_iters: int | None = None,
         update_bn_on_target: bool = True,
         gradient_clip_val: float | None = None,
+        warmup_iters: int = 0,
+        warmup_ratio: float = 1e-6,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"])
@@ -113,6 +125,10 @@ class SegmentationModule(pl.LightningModule):
         self.net = net.to(memory_format=torch.channels_last) if channels_last and net is not None else net
         self.optimizer_factory = optimizer
         self.class_names = list(class_names or CLASS_NAMES[:num_classes])
+        if not (isinstance(warmup_iters, int) and warmup_iters >= 0):
+            raise ConfigValueError(f"adaptation.warmup_iters={warmup_iters!r}: expected a number of iterations >= 0")
+        if not 0.0 < warmup_ratio <= 1.0:
+            raise ConfigValueError(f"adaptation.warmup_ratio={warmup_ratio!r}: expected a fraction in (0, 1] (DAFormer: 1e-6)")
         if len(self.class_names) != num_classes:
             raise ConfigValueError(f"{len(self.class_names)} class names for num_classes={num_classes}")
         self.run_config: dict | None = None  # config, overrides and choices of the run, saved into checkpoints
@@ -402,7 +418,8 @@ class SegmentationModule(pl.LightningModule):
         if base_lr is None:
             raise ConfigValueError("optimizer.lr must be set: the poly schedule and the head multiplier scale it")
         optimizers = [self.optimizer_factory(params=self.parameter_groups(base_lr)), *self.configure_extra_optimizers()]
-        factor = poly_lambda(self.poly_iterations(), self.hparams.poly_power)
+        factor = poly_lambda(self.poly_iterations(), self.hparams.poly_power,
+                             self.hparams.get("warmup_iters", 0), self.hparams.get("warmup_ratio", 1e-6))
         configs = [{"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
                                                        "interval": "step", "frequency": 1}} for opt in optimizers]
         return configs[0] if len(configs) == 1 else configs

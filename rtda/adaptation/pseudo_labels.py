@@ -239,3 +239,37 @@ def manifest_matches(out: Path, manifest: dict) -> bool:
         return False
     saved = json.loads(path.read_text())
     return all(saved.get(k) == v for k, v in manifest.items())
+
+
+# -- self-training with a teacher (DACS, DAFormer, MIC) -------------------------------------------------------
+#: DACS's confidence threshold (``trainUDA.py``: ``max_probs.ge(0.968)``), kept by DAFormer and MIC
+DACS_THRESHOLD = 0.968
+WEIGHTINGS = ("share", "pixel", "none")
+
+
+def dacs_pseudo_labels(probs: torch.Tensor, threshold: float = DACS_THRESHOLD,
+                       weighting: str = "share") -> tuple[torch.Tensor, torch.Tensor]:
+    """DACS's pseudo-labels of a teacher's ``N×C×H×W`` softmax: ``(labels N×H×W long, weights N×H×W float)``.
+
+    Every pixel takes the argmax class (none is rejected); the weights say how much each pixel's loss counts:
+
+    * ``share`` (DACS's ``pixel_weight: threshold_uniform``, the default of the authors' config, and DAFormer's
+      rule): one number for the whole batch, the share of its pixels whose top probability is at least
+      ``threshold`` — a confident teacher weighs its pseudo-labels fully, an unsure one (early in training)
+      barely;
+    * ``pixel`` (DACS's ``threshold``): 1 where the top probability is at least ``threshold``, else 0;
+    * ``none`` (DACS's ``pixel_weight: false``): 1 everywhere.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ConfigValueError(f"adaptation.weighting={weighting!r}: expected one of {list(WEIGHTINGS)}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigValueError(f"adaptation.pseudo_threshold={threshold}: expected a probability in [0, 1] (DACS: 0.968)")
+    confidence, labels = probs.detach().max(dim=1)
+    confident = confidence.ge(threshold)
+    if weighting == "share":
+        weights = confident.float().mean().expand_as(confidence).clone()
+    elif weighting == "pixel":
+        weights = confident.float()
+    else:
+        weights = torch.ones_like(confidence, dtype=torch.float32)
+    return labels.long(), weights

@@ -47,12 +47,15 @@ def _fingerprint(dataset) -> str:
 
 
 def class_stats(dataset, num_workers: int = 2) -> dict:
-    """Pixel counts of every train class over ``dataset`` (a reader with labels)."""
+    """Pixel counts of every train class over ``dataset`` (a reader with labels); ``per_image`` holds each
+    image's counts of the train classes (in ``label_paths`` order: what rare-class sampling draws from)."""
     total = torch.zeros(256, dtype=torch.int64)
     images_with = torch.zeros(256, dtype=torch.int64)
+    per_image = []
     for counts in DataLoader(_Counts(dataset), batch_size=8, num_workers=num_workers):
         total += counts.sum(0)
         images_with += (counts > 0).sum(0)
+        per_image += counts[:, :NUM_CLASSES].tolist()
     labelled = int(total[:NUM_CLASSES].sum())
     return {
         "images": len(dataset),
@@ -60,6 +63,7 @@ def class_stats(dataset, num_workers: int = 2) -> dict:
         "frequency": {name: (int(total[i]) / labelled if labelled else 0.0) for i, name in enumerate(CLASS_NAMES)},
         "images_containing": {name: int(images_with[i]) for i, name in enumerate(CLASS_NAMES)},
         "ignored_pixels": int(total[255]),
+        "per_image": per_image,
     }
 
 
@@ -67,13 +71,19 @@ def cached_class_stats(dataset_name: str, root: str | Path, split: str = "all", 
     """:func:`class_stats` of a split, from ``ROOT/class_stats_<split>.json`` when its file list matches."""
     root = Path(root)
     dataset = READERS[dataset_name](root, split=split)
-    cache = root / f"class_stats_{split}.json"
+    return cached_stats_of(dataset, root / f"class_stats_{split}.json", {"dataset": dataset_name, "split": split},
+                           num_workers)
+
+
+def cached_stats_of(dataset, cache: Path, meta: dict, num_workers: int = 2) -> dict:
+    """:func:`class_stats` of a dataset instance, cached in ``cache`` (reused while the dataset's label files
+    are the same list, and recomputed for a cache written before ``per_image`` existed)."""
     fingerprint = _fingerprint(dataset)
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("fingerprint") == fingerprint:
+        if cached.get("fingerprint") == fingerprint and "per_image" in cached:
             return cached
-    stats = {"dataset": dataset_name, "split": split, "fingerprint": fingerprint, **class_stats(dataset, num_workers)}
+    stats = {**meta, "fingerprint": fingerprint, **class_stats(dataset, num_workers)}
     try:  # complete or absent: a concurrent run reading the cache never sees half of it
         atomic_write_text(cache, json.dumps(stats, indent=2))
     except OSError:  # a read-only dataset folder: still return the numbers

@@ -1,0 +1,540 @@
+"""DACS (Tranheden et al., WACV 2021): self-training with a mean teacher and cross-domain ClassMix; with the
+options of DAFormer (Hoyer et al., CVPR 2022: ImageNet feature distance; rare-class sampling and LR warm-up
+are data and optimizer options of every method) and MIC (Hoyer et al., CVPR 2023: masked image consistency).
+
+**One iteration** (the authors' ``trainUDA.py`` / DAFormer's ``mmseg/models/uda/dacs.py``):
+
+1. the EMA teacher is updated from the student (:func:`ema_update`);
+2. cross-entropy of the student on the source batch (its deep-supervision heads as in every rtda method);
+3. the teacher labels the target batch (:func:`rtda.adaptation.pseudo_labels.dacs_pseudo_labels`: argmax,
+   weighted by the share of pixels whose top probability is at least 0.968);
+4. ClassMix (:func:`class_mix_masks`): for each pair, half of the classes present in the *source* label —
+   ``ceil(n/2)`` of its ``n`` distinct values, the ignore value 255 included as in the authors' code — are
+   pasted with their pixels onto the target image; the mixed label is the source label there and the
+   pseudo-label elsewhere, the pixel weight 1 there and the pseudo-label weight elsewhere;
+5. DACS's strong augmentation of the mixed images (:func:`strong_augment`): colour jitter (strength 0.25,
+   applied when a per-iteration draw u ~ U(0, 1) exceeds 0.2) and Gaussian blur (when another u > 0.5;
+   σ ~ U(0.15, 1.15), kernel ≈ 10 % of the side, odd), on the 0–255 images before normalisation;
+6. the pixel-weighted cross-entropy of the student on the mixed images: ``mean(CE · w)`` over all pixels
+   (``CrossEntropyLoss2dPixelWiseWeighted``; ignored pixels count as 0 in the mean, as there);
+7. MIC (``masking: true``, ``adaptation=mic``): the target images, strongly augmented on their own draw, with
+   random 64-pixel blocks (ratio 0.7) set to 0 after normalisation (:func:`block_mask`), trained with the
+   same weighted cross-entropy on the teacher's pseudo-labels of the *unmasked* target, × ``mask_lambda``
+   (MIC's ``separatetrgaug`` mode with ``mask_alpha`` and ``mask_pseudo_threshold`` ``same``: the DACS
+   teacher's labels and weights are shared);
+8. DAFormer's ImageNet feature distance (``fdist_lambda > 0``): the L2 distance between the student's and
+   a frozen ImageNet copy's last backbone features on the source batch, averaged over the feature pixels
+   whose source label (pooled to the feature grid) is a *thing* class on at least 75 % of the patch.
+
+All the losses are summed and back-propagated once (DACS; DAFormer back-propagates them one by one to save
+memory: the same gradient).
+
+**The EMA teacher** (:class:`EMATeacher`) is a copy of the segmenter that never trains: parameters without
+gradients, kept out of the optimizer, updated as ``θ_t ← α_k θ_t + (1 − α_k) θ_s`` with
+``α_k = min(1 − 1/k, α)`` after the student's k-th optimizer step (DACS's ``update_ema_variables``; α 0.99 in
+DACS, 0.999 in DAFormer/MIC): a plain average of the first students, then an exponential one. BatchNorm
+running statistics are averaged the same way (the authors' teacher averages parameters only).
+**Where we differ on purpose**: the update runs at the start of iteration k + 1 instead of right after step
+k — the same values, used at the same moment — because only there is it correct under DDP: DistributedDataParallel broadcasts rank 0's buffers
+(BatchNorm statistics) at the start of each forward, so every rank averages identical students, and the
+teachers stay identical on every rank (tested with 2 processes); after the step each rank's statistics
+still hold its own batches. A checkpoint therefore holds the teacher of its last iteration (one update
+behind its student); a resumed run continues exactly. ``teacher_bn`` chooses the normalisation of the
+teacher's forward pass: ``target_batch`` (the authors': their teacher runs in training mode, so BatchNorm
+normalises with the target batch's own statistics — an AdaBN teacher — without moving any running
+statistics here) or ``running`` (evaluation mode, the averaged running statistics). Dropout is off in
+both; frozen BatchNorm (DeepLabV2's default) is the same in both.
+
+**Differences, on purpose**: colour jitter is implemented here (no kornia): brightness added, contrast
+multiplied (kornia's ColorJitter of the authors' era), saturation blended with the grey image, hue rotated
+in HSV, one factor of each per image, fixed order; DACS's random flip of mixed images is off in its config
+and absent here. The source batch is cropped on the device to the target batch's size before mixing
+(:func:`rtda.adaptation.fda.match_size`; DACS random-crops both domains to 512×512 in its loaders).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rtda.adaptation.base import SegmentationModule
+from rtda.adaptation.fda import match_size
+from rtda.adaptation.pseudo_labels import DACS_THRESHOLD, WEIGHTINGS, dacs_pseudo_labels
+from rtda.data.labels import IGNORE_INDEX
+from rtda.errors import ConfigValueError, RtdaError
+from rtda.models.outputs import as_outputs, main_logits
+
+log = logging.getLogger("rtda")
+
+#: DAFormer's ``imnet_feature_dist_classes``: traffic light, traffic sign, person, rider, car, truck, bus,
+#: train, motorcycle, bicycle (train ids 6, 7, 11-18)
+THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+
+
+# -- the mean teacher ---------------------------------------------------------------------------------------
+def ema_alpha(k: int, alpha: float) -> float:
+    """DACS's ``min(1 − 1/k, α)`` for the update after the student's k-th optimizer step (k ≥ 1)."""
+    return min(1.0 - 1.0 / max(int(k), 1), float(alpha))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
+    """``θ_t ← α θ_t + (1 − α) θ_s`` for every parameter and floating-point buffer; integer buffers
+    (``num_batches_tracked``) are copied. The two modules must have the same structure."""
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    t_bufs, s_bufs = list(teacher.buffers()), list(student.buffers())
+    if len(t_params) != len(s_params) or len(t_bufs) != len(s_bufs):
+        raise RuntimeError("the EMA teacher and the student differ in structure")
+    floats_t = t_params + [b for b in t_bufs if b.is_floating_point()]
+    floats_s = [p.detach() for p in s_params] + [b for b in s_bufs if b.is_floating_point()]
+    if floats_t:
+        torch._foreach_mul_(floats_t, alpha)
+        torch._foreach_add_(floats_t, floats_s, alpha=1.0 - alpha)
+    for t, s in zip(t_bufs, s_bufs):
+        if not t.is_floating_point():
+            t.copy_(s)
+
+
+class EMATeacher(nn.Module):
+    """A frozen copy of ``net`` that follows it by exponential moving average (see the module docstring).
+
+    Always in evaluation mode (``train()`` does not switch it), parameters without gradients."""
+
+    def __init__(self, net: nn.Module, alpha: float = 0.99, bn: str = "target_batch"):
+        super().__init__()
+        if not 0.0 <= alpha < 1.0:
+            raise ConfigValueError(f"adaptation.ema_alpha={alpha}: expected a number in [0, 1) (DACS: 0.99, DAFormer: 0.999)")
+        if bn not in ("target_batch", "running"):
+            raise ConfigValueError(f"adaptation.teacher_bn={bn!r}: expected 'target_batch' (the authors') or 'running'")
+        self.net = copy.deepcopy(net)
+        self.net.requires_grad_(False)
+        self.alpha = float(alpha)
+        self.bn = bn
+        super().train(False)
+
+    def train(self, mode: bool = True) -> EMATeacher:  # noqa: ARG002 - the teacher never trains
+        return super().train(False)
+
+    def update(self, student: nn.Module, k: int) -> float:
+        """The update after the student's k-th optimizer step; returns the α used."""
+        alpha = ema_alpha(k, self.alpha)
+        ema_update(self.net, student, alpha)
+        return alpha
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """The teacher's main logits of a (normalised) batch, without gradients."""
+        if self.bn == "running":
+            return main_logits(self.net(image))
+        batchnorms = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                 for m in batchnorms]
+        for m in batchnorms:  # batch statistics, and the running ones left as they are
+            m.train(True)
+            m.momentum = 0.0
+        try:
+            return main_logits(self.net(image))
+        finally:
+            for m, momentum, tracked in saved:
+                m.train(False)
+                m.momentum = momentum
+                if tracked is not None:
+                    m.num_batches_tracked.copy_(tracked)
+
+
+def state_digest(module: nn.Module) -> str:
+    """SHA-1 of a module's state (names, shapes and bytes): equal digests, identical modules."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# -- ClassMix -----------------------------------------------------------------------------------------------
+def class_mix_masks(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """ClassMix masks of an ``N×H×W`` source label batch: ``N×H×W`` bool, True on the pixels of
+    ``ceil(n/2)`` classes drawn without replacement among the ``n`` distinct values of each label (the ignore
+    value included, as ``trainUDA.py`` draws from ``torch.unique(labels[i])``)."""
+    masks = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    for i, label in enumerate(labels):
+        classes = torch.unique(label)
+        n = classes.numel()
+        chosen = classes[torch.randperm(n, generator=generator)[: (n + n % 2) // 2].to(classes.device)]
+        masks[i] = torch.isin(label, chosen)
+    return masks
+
+
+def mix(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``source`` where ``mask`` (N×H×W), ``target`` elsewhere; images (N×C×H×W) or label/weight maps (N×H×W)."""
+    if source.ndim == 4:
+        mask = mask[:, None]
+    return torch.where(mask, source, target)
+
+
+# -- DACS's strong augmentation (on the 0-255 images, on the device) --------------------------------------------
+def _rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    r, g, b = rgb.unbind(dim=1)
+    maxc, _ = rgb.max(dim=1)
+    minc, _ = rgb.min(dim=1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.where(delta > 0, h / 6.0, torch.zeros_like(h)) % 1.0
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    return torch.stack([h, s, maxc], dim=1)
+
+
+def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    h, s, v = hsv.unbind(dim=1)
+    k = lambda n: (n + h * 6.0) % 6.0  # noqa: E731
+    f = lambda n: v - v * s * torch.clamp(torch.minimum(k(n), 4.0 - k(n)), 0.0, 1.0)  # noqa: E731
+    return torch.stack([f(5.0), f(3.0), f(1.0)], dim=1)
+
+
+def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Colour jitter of ``N×3×H×W`` images in [0, 1], one factor of each kind per image: brightness
+    ``+U(−s, s)``, contrast ``×U(1−s, 1+s)``, saturation ``×U(1−s, 1+s)`` (blend with the grey image), hue
+    rotated by ``U(−s, s)`` of a turn; clipped to [0, 1] after each step."""
+    n, dev = images.shape[0], images.device
+    u = lambda: (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1).to(dev)  # noqa: E731 - U(-1, 1) per image
+    s = float(strength)
+    x = (images + s * u()).clamp(0, 1)
+    x = (x * (1 + s * u())).clamp(0, 1)
+    grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = (grey + (x - grey) * (1 + s * u())).clamp(0, 1)
+    hsv = _rgb_to_hsv(x)
+    hsv = torch.cat([(hsv[:, 0:1] + s * u()) % 1.0, hsv[:, 1:]], dim=1)
+    return _hsv_to_rgb(hsv).clamp(0, 1)
+
+
+def blur_kernel_size(side: int) -> int:
+    """``trainUDA``'s kernel: ``floor(ceil(0.1·side) − 0.5 + ceil(0.1·side) % 2)``, an odd number ≈ 10 % of the side."""
+    c = math.ceil(0.1 * side)
+    return max(int(math.floor(c - 0.5 + c % 2)), 1)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
+    """Each image of ``N×C×H×W`` blurred with its own σ (reflect padding), kernel from :func:`blur_kernel_size`."""
+    from torchvision.transforms.v2 import functional as TF
+
+    ky, kx = blur_kernel_size(images.shape[-2]), blur_kernel_size(images.shape[-1])
+    return torch.cat([TF.gaussian_blur(images[i:i + 1], kernel_size=[kx, ky], sigma=[float(s), float(s)])
+                      for i, s in enumerate(sigma)])
+
+
+def strong_augment(images: torch.Tensor, jitter_strength: float = 0.25, jitter_p: float = 0.2, blur: bool = True,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """DACS's strong augmentation of ``N×3×H×W`` 0–255 images (float result, 0–255): colour jitter when a
+    draw u ~ U(0, 1) exceeds ``jitter_p``, Gaussian blur (σ ~ U(0.15, 1.15) per image) when another exceeds
+    0.5 — one draw of each per call (per iteration), as the authors' ``strong_parameters``."""
+    x = images.float() / 255.0
+    if jitter_strength > 0 and float(torch.rand(1, generator=generator)) > jitter_p:
+        x = color_jitter(x, jitter_strength, generator)
+    if blur and float(torch.rand(1, generator=generator)) > 0.5:
+        x = gaussian_blur(x, (0.15 + torch.rand(x.shape[0], generator=generator)).tolist())
+    return x * 255.0
+
+
+# -- MIC ----------------------------------------------------------------------------------------------------------
+def block_mask(shape: Sequence[int], block_size: int, ratio: float, device=None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """MIC's ``BlockMaskGenerator``: an ``N×1×H×W`` float mask, 0 on masked blocks. A grid of
+    ``round(H/b) × round(W/b)`` blocks, each kept when u ~ U(0, 1) exceeds ``ratio``, resized (nearest) to H×W."""
+    n, _, h, w = shape
+    grid = torch.rand(n, 1, max(round(h / block_size), 1), max(round(w / block_size), 1), generator=generator)
+    return F.interpolate((grid > ratio).float(), size=(h, w), mode="nearest").to(device)
+
+
+# -- DAFormer's ImageNet feature distance --------------------------------------------------------------------------
+def downscale_label_ratio(label: torch.Tensor, size: Sequence[int], min_ratio: float, num_classes: int,
+                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """DAFormer's ``downscale_label_ratio``: an ``N×H×W`` label pooled to ``size``; each cell takes its majority
+    class when that class covers at least ``min_ratio`` of the cell, else ``ignore_index``. (Adaptive pooling:
+    the same as DAFormer's ``avg_pool2d(kernel=scale)`` when the sides divide.)"""
+    lab = label.clone().long()
+    lab[lab == ignore_index] = num_classes
+    onehot = F.one_hot(lab, num_classes + 1).permute(0, 3, 1, 2).float()
+    ratio, out = F.adaptive_avg_pool2d(onehot, tuple(size)).max(dim=1)
+    out[out == num_classes] = ignore_index
+    out[ratio < min_ratio] = ignore_index
+    return out
+
+
+def masked_feature_distance(student: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the (masked) feature pixels of ``||f_s − f_ref||_2`` across channels; 0 when the mask is empty
+    (DAFormer's mean of nothing would be NaN)."""
+    dist = torch.norm(student.float() - reference.float(), dim=1, p=2)
+    if mask is not None:
+        dist = dist[mask]
+    return dist.mean() if dist.numel() else student.sum() * 0.0
+
+
+class _StopForward(Exception):
+    pass
+
+
+class FeatureTap:
+    """Captures the output of one named submodule of a network during its forward pass; with
+    ``stop=True`` the forward ends right there (the frozen reference needs its backbone only)."""
+
+    def __init__(self, net: nn.Module, name: str, stop: bool = False):
+        modules = dict(net.named_modules())
+        if name not in modules:
+            raise ConfigValueError(f"adaptation.fdist_layer={name!r}: {type(net).__name__} has no such submodule")
+        self.features: torch.Tensor | None = None
+        self.stop = stop
+        self.handle = modules[name].register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.features = output
+        if self.stop:
+            raise _StopForward
+
+    def run(self, net: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        try:
+            net(image)
+        except _StopForward:
+            pass
+        return self.features
+
+
+def default_feature_layer(net: nn.Module) -> str:
+    """The last backbone stage: the last submodule named ``layer4`` (ResNet backbones of BiSeNet and DeepLabV2)."""
+    names = [n for n, _ in net.named_modules() if n.split(".")[-1] == "layer4"]
+    if not names:
+        raise ConfigValueError(f"adaptation.fdist_layer: {type(net).__name__} has no 'layer4'; name the feature module")
+    return names[-1]
+
+
+# -- the method ----------------------------------------------------------------------------------------------------
+def weighted_cross_entropy(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor,
+                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """DACS's ``CrossEntropyLoss2dPixelWiseWeighted``: ``mean(CE · w)`` over all pixels, ignored ones as 0."""
+    ce = F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction="none")
+    return (ce * weight).mean()
+
+
+class DACSModule(SegmentationModule):
+    """DACS, with MIC's masked image consistency and DAFormer's ImageNet feature distance as options.
+
+    Args:
+        ema_alpha: the teacher's EMA factor α (DACS 0.99; DAFormer and MIC 0.999).
+        teacher_bn: ``target_batch`` (the authors': BatchNorm of the teacher normalises with the target
+            batch's statistics) or ``running`` (evaluation mode, averaged running statistics).
+        pseudo_threshold: confidence threshold of the pseudo-label weights (0.968).
+        weighting: ``share`` (DACS's default: the share of confident pixels, one number per batch), ``pixel``
+            (confident pixels 1, others 0) or ``none`` (all 1).
+        pseudo_weight_ignore_top / pseudo_weight_ignore_bottom: rows at the top / bottom of the target whose
+            pseudo-label weight is 0 (DAFormer's 15 / 120 on 512-pixel Cityscapes crops: the ego car and
+            rectification borders); 0 in DACS.
+        mixing: ClassMix on (false: the student trains on the strongly augmented target with its pseudo-labels).
+        lambda_mix: weight of the mixed (or target) loss (DACS's ``consistency_weight``: 1).
+        jitter_strength / jitter_p / blur: the strong augmentation (DACS 0.25 / 0.2 / on; DAFormer 0.2 / 0.2 / on).
+        masking: MIC's masked image consistency on; mask_block_size, mask_ratio, mask_lambda: its block (64),
+            the masked share (0.7) and the loss weight (1).
+        fdist_lambda: DAFormer's ImageNet feature distance weight (0.005 in DAFormer; 0: off);
+            fdist_classes: the classes it applies to (the thing classes), fdist_scale_min_ratio (0.75),
+            fdist_layer (null: the last ``layer4``). Needs an ImageNet-initialised network
+            (``model.pretrained``): the frozen copy taken at construction *is* that initialisation.
+        fdist_allow_random_init: run the feature distance from a random initialisation anyway (meaningless:
+            for timing only).
+        num_mix_samples: source | target | mixed | mixed label rows saved to ``<run>/dacs_samples.png`` at the
+            first iteration (0: none).
+    """
+
+    uses_target_images = True
+
+    def __init__(self, *args, ema_alpha: float = 0.99, teacher_bn: str = "target_batch",
+                 pseudo_threshold: float = DACS_THRESHOLD, weighting: str = "share",
+                 pseudo_weight_ignore_top: int = 0, pseudo_weight_ignore_bottom: int = 0,
+                 mixing: bool = True, lambda_mix: float = 1.0,
+                 jitter_strength: float = 0.25, jitter_p: float = 0.2, blur: bool = True,
+                 masking: bool = False, mask_block_size: int = 64, mask_ratio: float = 0.7, mask_lambda: float = 1.0,
+                 fdist_lambda: float = 0.0, fdist_classes: Sequence[int] | None = THING_CLASSES,
+                 fdist_scale_min_ratio: float = 0.75, fdist_layer: str | None = None,
+                 fdist_allow_random_init: bool = False, num_mix_samples: int = 4, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters(ignore=["net", "optimizer"])
+        if weighting not in WEIGHTINGS:
+            raise ConfigValueError(f"adaptation.weighting={weighting!r}: expected one of {list(WEIGHTINGS)}")
+        if not 0.0 <= pseudo_threshold <= 1.0:
+            raise ConfigValueError(f"adaptation.pseudo_threshold={pseudo_threshold}: expected a probability in [0, 1]")
+        if masking and not (isinstance(mask_block_size, int) and mask_block_size > 0):
+            raise ConfigValueError(f"adaptation.mask_block_size={mask_block_size!r}: expected a positive number of pixels")
+        if masking and not 0.0 <= mask_ratio < 1.0:
+            raise ConfigValueError(f"adaptation.mask_ratio={mask_ratio}: expected the masked share in [0, 1) (MIC: 0.7)")
+        if fdist_lambda < 0 or lambda_mix < 0 or mask_lambda < 0:
+            raise ConfigValueError("adaptation.fdist_lambda, lambda_mix and mask_lambda must be >= 0")
+        if fdist_scale_min_ratio is not None and not 0.0 <= fdist_scale_min_ratio <= 1.0:
+            raise ConfigValueError(f"adaptation.fdist_scale_min_ratio={fdist_scale_min_ratio}: expected a share in [0, 1]")
+        self.teacher = EMATeacher(self.net, ema_alpha, teacher_bn)
+        self.imnet: nn.Module | None = None
+        if fdist_lambda > 0:
+            layer = fdist_layer or default_feature_layer(self.net)
+            self.imnet = copy.deepcopy(self.net).requires_grad_(False).eval()
+            self._student_tap = FeatureTap(self.net, layer)
+            self._imnet_tap = FeatureTap(self.imnet, layer, stop=True)
+        self._teacher_updates = 0
+
+    # frozen networks stay in evaluation mode whatever Lightning switches
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.imnet is not None:
+            self.imnet.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        """Refuse the feature distance from a random initialisation (its frozen reference would be noise)."""
+        if self.imnet is None or self.hparams.fdist_allow_random_init or self.run_config is None:
+            return
+        pretrained = self.run_config.get("config", {}).get("model", {}).get("pretrained")
+        if pretrained in (None, False) or str(pretrained).lower() in ("false", "none", "null", ""):
+            raise ConfigValueError(
+                "adaptation.fdist_lambda>0 needs model.pretrained=true (or a weights file): the ImageNet feature "
+                "distance pulls the features toward a frozen copy of the ImageNet-initialised network, and from a "
+                "random initialisation that copy is noise (adaptation.fdist_allow_random_init=true runs it anyway, "
+                "for timing only)")
+
+    # -- the batch --------------------------------------------------------------------------------------------
+    def transform_training_batch(self, batch: dict) -> dict:
+        """Source cropped (or resized) to the target batch's size; the raw 0–255 images kept beside the
+        normalised ones (``raw``) for mixing and augmentation in the training step."""
+        source, target = dict(batch["source"]), dict(batch["target"])
+        image, label = match_size(source["image"], source["label"], tuple(target["image"].shape[-2:]))
+        source.update(image=image, label=label, raw=image)
+        target["raw"] = target["image"]
+        return {**batch, "source": source, "target": target}
+
+    def update_teacher(self) -> None:
+        """The teacher update after the student's previous optimizer step (k = iteration − 1; none at the
+        first iteration: the teacher starts as the student's copy)."""
+        k = self.iteration - 1
+        if k >= 1:
+            alpha = self.teacher.update(self.net, k)
+            self._teacher_updates += 1
+            self.log("train/ema_alpha", alpha, batch_size=1)
+
+    def weighted_segmentation_loss(self, outputs, label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """:func:`weighted_cross_entropy` on the main output plus each deep-supervision head × its weight."""
+        outputs = as_outputs(outputs)
+        weights = getattr(self.net, "aux_weights", {})
+        total = weighted_cross_entropy(outputs.out, label, weight, self.hparams.ignore_index)
+        for name, logits in outputs.aux.items():
+            total = total + weights[name] * weighted_cross_entropy(logits, label, weight, self.hparams.ignore_index)
+        return total
+
+    def pseudo_labels(self, target_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's pseudo-labels and weights of a normalised target batch (+ the confident share)."""
+        probs = self.teacher(target_image).float().softmax(dim=1)
+        labels, weights = dacs_pseudo_labels(probs, self.hparams.pseudo_threshold, self.hparams.weighting)
+        confident = (probs.max(dim=1).values >= self.hparams.pseudo_threshold).float().mean()
+        top, bottom = self.hparams.pseudo_weight_ignore_top, self.hparams.pseudo_weight_ignore_bottom
+        if top > 0:
+            weights[:, :top, :] = 0
+        if bottom > 0:
+            weights[:, -bottom:, :] = 0
+        return labels, weights, confident
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        self.update_teacher()
+        source, target = batch["source"], batch["target"]
+        n = source["image"].shape[0]
+        hp = self.hparams
+        loss_src, parts = self.segmentation_loss(self.net(source["image"]), source["label"])
+        losses = {**parts, "loss_src": loss_src}
+        total = loss_src
+        if self.imnet is not None:
+            student_feat = self._student_tap.features  # captured in the source forward just above
+            with torch.no_grad():
+                reference = self._imnet_tap.run(self.imnet, source["image"])
+            mask = None
+            if hp.fdist_classes is not None:
+                pooled = downscale_label_ratio(source["label"], student_feat.shape[-2:], hp.fdist_scale_min_ratio,
+                                               hp.num_classes, hp.ignore_index)
+                mask = torch.isin(pooled, torch.as_tensor(list(hp.fdist_classes), device=pooled.device))
+            losses["loss_fdist"] = hp.fdist_lambda * masked_feature_distance(student_feat, reference.detach(), mask)
+            total = total + losses["loss_fdist"]
+
+        pseudo, weight, confident = self.pseudo_labels(target["image"])
+        losses["pseudo_confident_share"] = confident.detach()
+        if hp.lambda_mix > 0:
+            if hp.mixing:
+                mask = class_mix_masks(source["label"])
+                mixed_raw = mix(mask, source["raw"].float(), target["raw"].float())
+                mixed_label = mix(mask, source["label"], pseudo)
+                mixed_weight = mix(mask, torch.ones_like(weight), weight)
+            else:
+                mixed_raw, mixed_label, mixed_weight = target["raw"].float(), pseudo, weight
+            mixed = strong_augment(mixed_raw, hp.jitter_strength, hp.jitter_p, hp.blur)
+            if hp.num_mix_samples and self.iteration == 1 and self._trainer is not None:
+                self.save_mix_samples(source["raw"], target["raw"], mixed, mixed_label)
+            losses["loss_mix"] = self.weighted_segmentation_loss(self.forward_target(self.normalize(mixed)),
+                                                                 mixed_label, mixed_weight)
+            total = total + hp.lambda_mix * losses["loss_mix"]
+        if hp.masking and hp.mask_lambda > 0:
+            augmented = self.normalize(strong_augment(target["raw"], hp.jitter_strength, hp.jitter_p, hp.blur))
+            masked = augmented * block_mask(augmented.shape, hp.mask_block_size, hp.mask_ratio, augmented.device)
+            losses["loss_masked"] = self.weighted_segmentation_loss(self.forward_target(self.to_memory_format(masked)),
+                                                                    pseudo, weight)
+            total = total + hp.mask_lambda * losses["loss_masked"]
+        losses["loss"] = total
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
+        self.log("train/loss", total, prog_bar=True, batch_size=n)
+        return losses
+
+    # -- DDP check ----------------------------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        """Under DDP, check that every process holds the same teacher (digests of its state), and write them to
+        ``<run>/ema_teacher_check.json``; a mismatch stops the run."""
+        super().on_train_end()
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, state_digest(self.teacher))
+        if self.trainer.is_global_zero:
+            path = Path(self.trainer.default_root_dir) / "ema_teacher_check.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"world_size": len(digests), "teacher_sha1": digests,
+                                        "updates": self._teacher_updates}, indent=2))
+        if len(set(digests)) != 1:
+            raise RtdaError(f"the EMA teachers differ across the {len(digests)} DDP processes: {digests}")
+
+    # -- samples --------------------------------------------------------------------------------------------------
+    def save_mix_samples(self, source: torch.Tensor, target: torch.Tensor, mixed: torch.Tensor,
+                         label: torch.Tensor) -> None:
+        """``source | target | mixed (augmented) | mixed label`` rows as ``<run>/dacs_samples.png`` (and W&B)."""
+        if not self.trainer.is_global_zero:
+            return
+        import numpy as np
+        from PIL import Image
+
+        from rtda.viz import colorize
+
+        n = min(self.hparams.num_mix_samples, source.shape[0])
+        to_rgb = lambda x: x.detach().float().clamp(0, 255).round().byte().permute(1, 2, 0).cpu().numpy()  # noqa: E731
+        rows = [np.concatenate([to_rgb(source[i]), to_rgb(target[i]), to_rgb(mixed[i]),
+                                colorize(label[i].cpu().numpy())], axis=1) for i in range(n)]
+        grid = np.concatenate(rows, axis=0)
+        path = Path(self.trainer.default_root_dir) / "dacs_samples.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="train/dacs_samples", images=[grid], step=0,
+                                 caption=["source | target | mixed + strong augmentation | mixed label"])
+
