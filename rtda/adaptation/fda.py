@@ -67,14 +67,13 @@ def fda_source_to_target(src: torch.Tensor, trg: torch.Tensor, beta: float) -> t
     height, width = src.shape[-2:]
     b = fda_window(height, width, beta)
     with torch.autocast(device_type=src.device.type, enabled=False):
-        fft_src = torch.fft.rfft2(src.float().contiguous())
+        spectrum = torch.fft.rfft2(src.float().contiguous())
         fft_trg = torch.fft.rfft2(trg.float().contiguous())
-        amplitude, phase = fft_src.abs(), fft_src.angle()
-        columns = min(b, fft_src.shape[-1])
-        target_amplitude = fft_trg.abs()
-        amplitude[..., :b, :columns] = target_amplitude[..., :b, :columns]
-        amplitude[..., height - b:, :columns] = target_amplitude[..., height - b:, :columns]
-        return torch.fft.irfft2(torch.polar(amplitude, phase), s=(height, width))
+        columns = min(b, spectrum.shape[-1])
+        for rows in (slice(0, b), slice(height - b, height)):  # only the window changes: target amplitude, source phase
+            window = spectrum[..., rows, :columns]
+            spectrum[..., rows, :columns] = torch.polar(fft_trg[..., rows, :columns].abs(), window.angle())
+        return torch.fft.irfft2(spectrum, s=(height, width))
 
 
 def charbonnier_entropy(logits: torch.Tensor, eta: float = 2.0) -> torch.Tensor:
