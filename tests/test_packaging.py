@@ -40,7 +40,7 @@ def test_a_wheel_in_a_fresh_venv_runs_a_users_own_experiment(tiny_demo_dir, tmp_
     venv = tmp_path / "venv"  # its own site-packages first; torch & co. from the system site
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
+    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q", str(wheel)],
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-3000:]
 
