@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 _PACKAGED = Path(__file__).resolve().parent / "conf"
 CONFIG_DIR = _PACKAGED if (_PACKAGED / "train.yaml").is_file() else Path(__file__).resolve().parent.parent / "conf"
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@%-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+@%-]+")  # no "=" or ",": a folder must pass as an unquoted override value
 
 
 def safe_name(text: str, limit: int = 120) -> str:
@@ -68,15 +68,16 @@ def swept_keys(sweep_dir) -> list[str]:
 
 def job_dirname(num, sweep_dir, task_overrides) -> str:
     """The folder name of a sweep job (``hydra.sweep.subdir``): its number, then the values the sweep varies,
-    ``3_adaptation=advent,seed=1``: unique (the number), readable (the values), one folder level.
+    ``3_adaptation-advent_seed-1``: unique (the number), readable (the values), one folder level, and no ``=``
+    or ``,`` so that ``ckpt_path=<job>/checkpoints/last.ckpt`` parses as a Hydra override without quotes.
     Registered as the ``rtda.job_dirname`` resolver."""
     keys = set(swept_keys(sweep_dir))
     parts = []
     for text in task_overrides or []:
         key, _, value = str(text).partition("=")
         if key.lstrip("+~") in keys:
-            parts.append(f"{key.lstrip('+~')}={value}")
-    return safe_name(f"{num}_{','.join(parts)}" if parts else str(num))
+            parts.append(f"{key.lstrip('+~')}-{value}")
+    return safe_name(f"{num}_{'_'.join(parts)}" if parts else str(num))
 
 
 def _device_count() -> int:

@@ -171,7 +171,7 @@ def test_two_job_sweep_through_the_cli_then_compare(tiny_demo_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["0_seed=1", "1_seed=2"]
+    assert jobs == ["0_seed-1", "1_seed-2"]
     for job, seed in zip(jobs, (1, 2)):
         results = json.loads((sweep / job / "results.json").read_text())
         assert results["status"] == "completed" and results["seed"] == seed

@@ -111,7 +111,7 @@ def test_sweep_records_the_failed_job_and_runs_the_others(tiny_demo_dir, tmp_pat
     assert_one_line_error(proc, "training diverged")
     sweep = next((tmp_path / "outputs" / "train" / "multiruns").iterdir())
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["0_optimizer.lr=1000000.0", "1_optimizer.lr=0.01"], jobs  # one readable folder per job
+    assert jobs == ["0_optimizer.lr-1000000.0", "1_optimizer.lr-0.01"], jobs  # one readable folder per job
     first = json.loads((sweep / jobs[0] / "results.json").read_text())
     second = json.loads((sweep / jobs[1] / "results.json").read_text())
     assert first["status"] == "failed" and "optimizer.lr=1000000.0" in " ".join(first["overrides"])

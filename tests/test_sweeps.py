@@ -37,14 +37,28 @@ def test_sweep_job_folder_names_the_swept_values(tmp_path):
     (tmp_path / "multirun.yaml").write_text(OmegaConf.to_yaml({"hydra": {"overrides": {"task": [
         "adaptation=source_only,advent", "seed=range(0,3)", "paths.data_dir=/data/x", "optimizer.lr=0.01"]}}}))
     job = ["adaptation=advent", "seed=2", "paths.data_dir=/data/x", "optimizer.lr=0.01"]
-    assert rtda_config.job_dirname(4, str(tmp_path), job) == "4_adaptation=advent,seed=2"
+    assert rtda_config.job_dirname(4, str(tmp_path), job) == "4_adaptation-advent_seed-2"
     assert rtda_config.job_dirname(4, str(tmp_path / "elsewhere"), job) == "4"  # no multirun.yaml: the number
     long = rtda_config.job_dirname(0, str(tmp_path), ["adaptation=" + "x" * 300, "seed=1"])
-    assert len(long) <= 120 and long.startswith("0_adaptation=xxx") and "/" not in long
+    assert len(long) <= 120 and long.startswith("0_adaptation-xxx") and "/" not in long
+
+
+def test_a_job_folder_passes_as_an_unquoted_override(tmp_path):
+    """`rtda-eval ckpt_path=<sweep job>/checkpoints/last.ckpt` and `ckpt_path=[a,b]` must parse without quotes:
+    no "=" nor "," in a job folder's name."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (tmp_path / "multirun.yaml").write_text(OmegaConf.to_yaml({"hydra": {"overrides": {"task": [
+        "adaptation.beta=0.01,0.05", "model.adaptation_levels=[out],[out,context16]"]}}}))
+    name = rtda_config.job_dirname(1, str(tmp_path), ["adaptation.beta=0.05", "model.adaptation_levels=[out,context16]"])
+    assert name.startswith("1_adaptation.beta-0.05_model.adaptation_levels-")
+    path = f"outputs/train/multiruns/2026-11-28_05-00-00/{name}/checkpoints/last.ckpt"
+    parsed = OverridesParser.create().parse_overrides([f"ckpt_path={path}", f"ckpt_path=[{path},{path}]"])
+    assert parsed[0].value() == path and parsed[1].value() == [path, path]
 
 
 def test_values_with_slashes_stay_one_folder_level():
-    assert rtda_config.safe_name("paths.data_dir=/a/b c") == "paths.data_dir=_a_b_c"
+    assert rtda_config.safe_name("paths.data_dir=/a/b c") == "paths.data_dir_a_b_c"
 
 
 def test_run_folder_comes_from_run_name_then_slurm_job_then_the_time(monkeypatch):
@@ -82,7 +96,7 @@ def test_parallel_sweep_jobs_build_the_demo_once_and_both_complete(tmp_path):
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["0_seed=1", "1_seed=2"]
+    assert jobs == ["0_seed-1", "1_seed-2"]
     for job in jobs:
         assert json.loads((sweep / job / "results.json").read_text())["status"] == "completed"
     assert not [p.name for p in data.iterdir() if ".tmp-" in p.name]  # no temporary folder left
@@ -126,15 +140,15 @@ def test_wandb_offline_sweep_gives_one_run_per_job_with_group_tags_and_status(ti
         assert run.run_id == run_id(job)  # derived from the folder: a resumed job appends to it
         assert run.run_group == f"sweep-{sweep.name}" and run.job_type == "train"
         assert {"adaptation=source_only", "model=bisenet_r18", "data=demo"} <= set(run.tags)
-    assert sorted(runs) == ["0_optimizer.lr=1000000.0", "1_optimizer.lr=0.01"]
+    assert sorted(runs) == ["0_optimizer.lr-1000000.0", "1_optimizer.lr-0.01"]
     exits = {name: [r.exit.exit_code for r in records(f) if r.WhichOneof("record_type") == "exit"] for name, f in runs.items()}
-    assert exits == {"0_optimizer.lr=1000000.0": [1], "1_optimizer.lr=0.01": [0]}  # the failed job is marked failed
-    keys = history_keys(runs["1_optimizer.lr=0.01"])
+    assert exits == {"0_optimizer.lr-1000000.0": [1], "1_optimizer.lr-0.01": [0]}  # the failed job is marked failed
+    keys = history_keys(runs["1_optimizer.lr-0.01"])
     assert {"val/mIoU", "test/mIoU", "val/segmentation/all_masks", "test/IoU_per_class/nrows"} <= keys
-    config = {u.key for r in records(runs["1_optimizer.lr=0.01"]) if r.WhichOneof("record_type") == "config"
+    config = {u.key for r in records(runs["1_optimizer.lr-0.01"]) if r.WhichOneof("record_type") == "config"
               for u in r.config.update}
     assert {"trainer", "data", "model", "optimizer", "git_revision"} <= config  # the resolved config
-    masks = list(runs["1_optimizer.lr=0.01"].parent.glob("files/media/images/mask/**/*.png"))
+    masks = list(runs["1_optimizer.lr-0.01"].parent.glob("files/media/images/mask/**/*.png"))
     assert masks, "segmentation masks (prediction, ground truth) saved with the validation images"
 
 
