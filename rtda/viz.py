@@ -27,6 +27,11 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
     return rgb.permute(1, 2, 0).cpu().numpy()
 
 
+def to_rgb(image: torch.Tensor) -> np.ndarray:
+    """3xHxW image on the 0-255 scale (uint8 or float, e.g. FDA's unclipped output) -> HxWx3 uint8."""
+    return image.detach().float().clamp(0, 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
 def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     return (image * (1 - alpha) + colorize(train_ids) * alpha).astype(np.uint8)
 

@@ -367,6 +367,21 @@ class SegmentationModule(pl.LightningModule):
             "confmat": result["confmat"].cpu().tolist(),
         }
 
+    def save_training_samples(self, name: str, rows: list[np.ndarray], caption: str) -> None:
+        """Rows of HxWx3 uint8 panels stacked into ``<run>/<name>.png`` and logged as ``train/<name>`` to
+        image-capable loggers (W&B); on rank 0 only. What a method's batch transform made, for the notebooks."""
+        if self._trainer is None or not self.trainer.is_global_zero:
+            return
+        from PIL import Image
+
+        grid = np.concatenate(rows, axis=0)
+        path = Path(self.trainer.default_root_dir) / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key=f"train/{name}", images=[grid], step=0, caption=[caption])
+
     def log_predictions(self, batch: dict, preds: torch.Tensor, stage: str) -> None:
         """Save image | truth | prediction panels as a PNG in the run folder, and to W&B when it logs."""
         if self.trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:

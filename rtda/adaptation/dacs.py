@@ -518,23 +518,12 @@ class DACSModule(SegmentationModule):
     def save_mix_samples(self, source: torch.Tensor, target: torch.Tensor, mixed: torch.Tensor,
                          label: torch.Tensor) -> None:
         """``source | target | mixed (augmented) | mixed label`` rows as ``<run>/dacs_samples.png`` (and W&B)."""
-        if not self.trainer.is_global_zero:
-            return
         import numpy as np
-        from PIL import Image
 
-        from rtda.viz import colorize
+        from rtda.viz import colorize, to_rgb
 
         n = min(self.hparams.num_mix_samples, source.shape[0])
-        to_rgb = lambda x: x.detach().float().clamp(0, 255).round().byte().permute(1, 2, 0).cpu().numpy()  # noqa: E731
         rows = [np.concatenate([to_rgb(source[i]), to_rgb(target[i]), to_rgb(mixed[i]),
                                 colorize(label[i].cpu().numpy())], axis=1) for i in range(n)]
-        grid = np.concatenate(rows, axis=0)
-        path = Path(self.trainer.default_root_dir) / "dacs_samples.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(path)
-        for logger in self.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="train/dacs_samples", images=[grid], step=0,
-                                 caption=["source | target | mixed + strong augmentation | mixed label"])
+        self.save_training_samples("dacs_samples", rows, "source | target | mixed + strong augmentation | mixed label")
 

@@ -36,7 +36,6 @@ serves both here (both are random target training images).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -97,8 +96,8 @@ def match_size(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]) 
     if image.shape[-2] >= height and image.shape[-1] >= width:
         tops = torch.randint(0, image.shape[-2] - height + 1, (image.shape[0],)).tolist()
         lefts = torch.randint(0, image.shape[-1] - width + 1, (image.shape[0],)).tolist()
-        image = torch.stack([im[:, t:t + height, l:l + width] for im, t, l in zip(image, tops, lefts)])
-        label = torch.stack([lb[t:t + height, l:l + width] for lb, t, l in zip(label, tops, lefts)])
+        image = torch.stack([im[:, t:t + height, x:x + width] for im, t, x in zip(image, tops, lefts)])
+        label = torch.stack([lb[t:t + height, x:x + width] for lb, t, x in zip(label, tops, lefts)])
         return image, label
     resized = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False)
     image = resized.round().clamp(0, 255).to(image.dtype) if not image.is_floating_point() else resized
@@ -162,22 +161,12 @@ class FDAModule(SegmentationModule):
 
     def save_style_samples(self, source: torch.Tensor, target: torch.Tensor, stylised: torch.Tensor) -> None:
         """``source | target style | stylised`` rows as ``<run>/fda_samples.png`` (and W&B), for the notebooks."""
-        if not self.trainer.is_global_zero:
-            return
-        from PIL import Image
+        from rtda.viz import to_rgb
 
         n = min(self.hparams.num_style_samples, source.shape[0])
-        to_rgb = lambda x: x.detach().float().clamp(0, 255).round().byte().permute(1, 2, 0).cpu().numpy()  # noqa: E731
-        grid = np.concatenate([np.concatenate([to_rgb(source[i]), to_rgb(target[i]), to_rgb(stylised[i])], axis=1)
-                               for i in range(n)], axis=0)
-        path = Path(self.trainer.default_root_dir) / "fda_samples.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(path)
-        for logger in self.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="train/fda_samples", images=[grid], step=0,
-                                 caption=[f"source | target | source in the target's style (beta={self.hparams.beta})"])
-
+        rows = [np.concatenate([to_rgb(source[i]), to_rgb(target[i]), to_rgb(stylised[i])], axis=1) for i in range(n)]
+        self.save_training_samples("fda_samples", rows,
+                                   f"source | target | source in the target's style (beta={self.hparams.beta})")
 
 class FDASelfTrainingModule(FDAModule):
     """FDA's self-training round (``SStrain.py``): stylised source + pseudo-labelled target, CE on both,
