@@ -184,15 +184,20 @@ def benchmark(cfg: DictConfig) -> list[dict]:
     for r in rows:
         if plain and "median_ms" in r:
             r["vs_plain"] = r["median_ms"] / plain["median_ms"]
-    machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "threads": threads, "torch": torch.__version__,
-        "matmul_ceiling_GFLOPs": ceilings,
-        "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    machine = _machine(cfg, ceilings)
     for r in rows:
         r["machine"] = machine
     return rows
+
+
+def _machine(cfg: DictConfig, ceilings: dict | None = None) -> dict:
+    device = torch.device(cfg.bench.device)
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "matmul_ceiling_GFLOPs": ceilings or {},
+        "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def _cpu_name() -> str:
@@ -215,8 +220,8 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def format_table(rows: list[dict]) -> str:
-    cols = [c for c in COLUMNS if any(r.get(c) not in (None, "") for r in rows)]
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    cols = [c for c in (columns or _columns(rows)) if any(r.get(c) not in (None, "") for r in rows)]
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
@@ -225,12 +230,25 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _columns(rows: list[dict]) -> list[str]:
+    """The table's columns for the kind of rows (inference, training or data pipeline)."""
+    from rtda.bench_data import DATA_COLUMNS
+    from rtda.bench_train import TRAIN_COLUMNS
+
+    kinds = {r.get("mode", "infer") for r in rows}
+    if kinds == {"train"}:
+        return TRAIN_COLUMNS
+    if kinds == {"data"}:
+        return DATA_COLUMNS
+    return COLUMNS
+
+
 def write_rows(rows: list[dict], folder: Path, name: str = "bench") -> None:
     """``name.json`` and ``name.csv`` in ``folder`` (one job: bench; a collection: comparison)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(rows, indent=2))
     with open(folder / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=_columns(rows), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -267,12 +285,27 @@ class ComparisonTable(Callback):
 def _hydra_main(cfg: DictConfig) -> float:
     rtda_config.check_values(cfg)
     check_writable(cfg.paths.output_dir, "the benchmark's results")
-    rows = benchmark(cfg)
+    mode = cfg.bench.get("mode", "infer")
+    if mode == "train":
+        from rtda.bench_train import train_benchmark
+
+        rows = train_benchmark(cfg)
+    elif mode == "data":
+        from rtda.bench_data import data_benchmark
+
+        rows = data_benchmark(cfg)
+    elif mode == "infer":
+        rows = benchmark(cfg)
+    else:
+        raise ConfigValueError(f"bench.mode={mode!r}: expected infer, train or data")
+    for r in rows:
+        r.setdefault("mode", mode)
+        r.setdefault("machine", _machine(cfg))
     folder = Path(cfg.paths.output_dir)
     write_rows(rows, folder)
     print(f"\nrtda-bench ({machine_line(rows)})\n{format_table(rows)}\nwritten to {folder / 'bench.csv'}")
-    eager = next((r for r in rows if r.get("variant") == "eager" and "median_ms" in r), rows[0])
-    return eager.get("median_ms", float("nan"))
+    eager = next((r for r in rows if r.get("variant") in ("eager", "lightning") and ("median_ms" in r or "median_s" in r)), rows[0])
+    return eager.get("median_ms", eager.get("median_s", float("nan")))
 
 
 def main() -> None:

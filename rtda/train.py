@@ -138,6 +138,21 @@ def method_strategy(strategy, module) -> dict:
     return {"strategy": entry["strategy"](**{**entry["init_params"], **options})}
 
 
+def supported_precision(trainer_cfg: DictConfig) -> dict:
+    """``{"precision": "16-mixed"}`` when the config asks for bfloat16 on a GPU that lacks it (before Ampere:
+    autocast would run it emulated, slowly), with a warning; else ``{}``."""
+    precision = str(trainer_cfg.get("precision", ""))
+    if not precision.startswith("bf16") or trainer_cfg.get("accelerator") not in ("gpu", "cuda", "auto"):
+        return {}
+    import torch
+
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        log.warning("trainer.precision=%s: %s has no bfloat16; training in 16-mixed (float16 with a gradient "
+                    "scaler) instead", precision, torch.cuda.get_device_name())
+        return {"precision": "16-mixed"}
+    return {}
+
+
 def has_segmenter(cfg: DictConfig) -> bool:
     """Whether the run's method trains a segmentation network: its class's ``has_segmenter`` (False for
     CycleGAN's translator). A ``_target_`` that does not import is reported when it is instantiated."""
@@ -264,6 +279,7 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
     no_eval = {} if segmenter else {"limit_val_batches": 0, "limit_test_batches": 0}
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                   **method_strategy(cfg.trainer.get("strategy"), module),
+                                                  **supported_precision(cfg.trainer),
                                                   **requeue_plugins(), **no_eval)
     for logger in loggers:
         logger.log_hyperparams({**resolved, "git_revision": record["git_revision"]})

@@ -85,7 +85,7 @@ def test_cli_compares_networks_in_one_table(tmp_path):
 
 def test_bench_needs_no_albumentations():
     # the GPU machines carry no albumentations: the benchmark path must not import it
-    code = "import sys; sys.modules['albumentations'] = None; import rtda.bench, rtda.adaptation.base, rtda.evaluate"
+    code = "import sys; sys.modules['albumentations'] = None; import rtda.bench, rtda.bench_train, rtda.adaptation.base, rtda.evaluate"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

@@ -55,7 +55,7 @@ class MinEntModule(SegmentationModule):
         trg = as_outputs(self.forward_target(target["image"]))
         loss = loss_seg
         for level, logits in trg.level_logits().items():
-            parts[f"loss_ent/{level}"] = entropy_loss(F.softmax(logits, dim=1))
+            parts[f"loss_ent/{level}"] = entropy_loss(F.softmax(logits.float(), dim=1))
             weight = self.hparams.lambda_ent if level == "out" else self.hparams.lambda_ent_levels
             loss = loss + weight * parts[f"loss_ent/{level}"]
         n = source["image"].shape[0]
@@ -68,4 +68,4 @@ class AdvEntModule(AdversarialModule):
     """Adversarial entropy minimisation (ADVENT's AdvEnt): D sees weighted self-information maps."""
 
     def discriminator_input(self, logits: torch.Tensor) -> torch.Tensor:
-        return self_information(F.softmax(logits, dim=1))
+        return self_information(F.softmax(logits.float(), dim=1))

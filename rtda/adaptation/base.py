@@ -93,6 +93,10 @@ class SegmentationModule(pl.LightningModule):
         warmup_iters: linear learning-rate warm-up over this many iterations before the poly schedule takes
             over (0: none, as the seed's references; DAFormer/MIC: 1500), starting at ``warmup_ratio`` × the
             rate (1e-6); applies to every optimizer of the method (:func:`poly_lambda`).
+        compile: ``torch.compile`` the segmenter for training: false (default), true, or the keyword
+            arguments of ``torch.compile`` (``{mode: max-autotune}``). In place (``nn.Module.compile``), so
+            checkpoints keep their keys and every method's passes through ``self.net`` are compiled; the
+            first iterations pay the compilation (minutes for DeepLabV2 on a CPU).
     """
 
     uses_target_images: bool = False
@@ -118,6 +122,7 @@ class SegmentationModule(pl.LightningModule):
         gradient_clip_val: float | None = None,
         warmup_iters: int = 0,
         warmup_ratio: float = 1e-6,
+        compile: bool | dict = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"])
@@ -140,6 +145,13 @@ class SegmentationModule(pl.LightningModule):
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
+
+    def setup(self, stage: str) -> None:
+        """Compile the segmenter for training when asked (``compile``)."""
+        options = self.hparams.get("compile")
+        if stage == "fit" and options and self.net is not None and not getattr(self, "_compiled", False):
+            self.net.compile(**(dict(options) if isinstance(options, dict) else {}))
+            self._compiled = True
 
     # -- hooks a method overrides -------------------------------------------------------------
     def configure_models(self) -> None:

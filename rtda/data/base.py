@@ -22,7 +22,7 @@ def read_rgb(path: Path) -> np.ndarray:
     """HxWx3 uint8 RGB; a corrupt or truncated file is reported by name."""
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # no copy for an RGB file
     except (OSError, SyntaxError, ValueError) as err:
         raise DecodeError(f"cannot decode image {path}: {err}", path) from err
 

@@ -35,20 +35,23 @@ class SegmentationTransform:
     ):
         self.size = tuple(size) if size is not None else None
         self.resize_label = resize_label
-        steps = []
-        if self.size is not None:
-            steps.append(A.Resize(*self.size))  # bilinear for the image, nearest for the label
         if isinstance(augment, Mapping):  # named steps from the config; null drops a step
             augment = [t for t in augment.values() if t is not None]
-        steps += list(augment or ())
-        self.pipeline = A.Compose(steps)
+        steps = list(augment or ())
+        # bilinear for the image, nearest for the label; skipped for a file already at the size (a cached copy,
+        # python -m rtda.data.cache): the same pixels without a copy
+        self.resize = A.Resize(*self.size) if self.size is not None else None
+        self.pipeline = A.Compose(([self.resize] if self.resize is not None else []) + steps)
+        self.pipeline_at_size = A.Compose(steps)
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None = None) -> dict:
+        at_size = self.size is None or (image.shape[:2] == self.size and (label is None or label.shape[:2] == self.size))
+        pipeline = self.pipeline_at_size if at_size else self.pipeline
         if label is not None and self.resize_label:
-            out = self.pipeline(image=image, mask=label)
+            out = pipeline(image=image, mask=label)
             image, label = out["image"], out["mask"]
         else:
-            image = self.pipeline(image=image)["image"]
+            image = pipeline(image=image)["image"]
         if image.dtype != np.uint8:  # a float-valued augmentation: back to the 0-255 scale
             image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
         sample = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}

@@ -1,0 +1,470 @@
+"""``rtda-bench bench.mode=train``: seconds per training iteration of each method, against a plain PyTorch loop.
+
+    rtda-bench bench.mode=train                                         # source-only + the plain loop
+    rtda-bench bench.mode=train bench.methods=[source_only,advent,fda,dacs,mic]   # one interleaved table
+    rtda-bench bench.mode=train model=deeplabv2_r101 bench.device=cuda bench.precision=bf16 bench.train_batch_size=2
+
+Every method row runs rtda's real training path: the method's LightningModule built from its config
+(``conf/adaptation/<name>.yaml``, with ``optimizer=``/``model=``) and fitted by a Lightning ``Trainer``
+(logging, the per-iteration non-finite check, the batch hooks: FDA's swap, DACS's mixing, normalisation on
+the device) on synthetic batches held in memory — ``{"source": {image, label}, "target": {image, label}}``,
+uint8 images of ``bench.train_batch_size x 3 x bench.height x bench.width`` as the data loaders deliver them and
+blocky random labels — so data loading is not what is timed (``bench.mode=data`` measures that). The
+``plain`` row is source-only as one would write it by hand: the same network, memory format, loss (cross-entropy
+plus the deep-supervision heads), SGD with the same parameter groups and a poly ``LambdaLR``, the same
+batches, in a bare ``for`` loop. Its ratio to the source-only row is the framework's overhead.
+
+One iteration is the time between the starts of two consecutive iterations (all of it: batch fetch,
+transfer hooks, forward, backward, optimizer steps, logging, Lightning's loop), synchronised on CUDA. Rows
+are interleaved: every round runs each row for ``bench.train_iterations`` timed iterations (after one
+warm-up iteration per round; a new ``Trainer`` per round, its set-up not timed), so a noisy machine slows
+all rows alike; median and p90 are over every timed iteration. FLOPs are those of one whole iteration
+(forward and backward of every network the method runs; the teacher's no-grad passes too) counted by
+``torch.utils.flop_counter`` on the second iteration of a separate short fit; FFTs, EMA updates,
+element-wise ops and optimizer updates count no FLOPs. ``time_ratio`` is a row's median over source-only's,
+``flop_ratio`` its FLOPs over source-only's, ``overhead`` their quotient: the share of a method's extra time that
+its extra arithmetic does not explain. Peak memory is the CUDA allocator's peak during a row's timed
+iterations on the GPU; on the CPU the process's peak RSS over them (``VmHWM`` reset through
+``/proc/self/clear_refs``), i.e. weights, optimizer state and activations of that row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import hydra
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from rtda.errors import ConfigValueError
+
+log = logging.getLogger("rtda")
+
+#: bench.precision -> Lightning's trainer.precision
+LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+#: method options that save pictures or log images: off while timing
+QUIET = {"num_log_images": 0, "num_style_samples": 0, "num_mix_samples": 0, "num_samples": 0}
+
+TRAIN_COLUMNS = ["method", "variant", "model", "device", "precision", "input", "params_M", "GFLOPs_per_it",
+                 "median_s", "p90_s", "images_per_s", "time_ratio", "flop_ratio", "overhead", "vs_plain",
+                 "peak_mem_MB", "iterations", "note"]
+
+
+# -- synthetic batches ------------------------------------------------------------------------------
+def _blocky_labels(n: int, height: int, width: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """Random class regions (16x16-pixel blocks, ~5 % ignore), as a segmentation label looks to ClassMix."""
+    bh, bw = -(-height // 16), -(-width // 16)
+    coarse = torch.randint(0, num_classes, (n, bh, bw), generator=generator)
+    coarse[torch.rand(n, bh, bw, generator=generator) < 0.05] = 255
+    return coarse.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, :height, :width].contiguous()
+
+
+class SyntheticBatches(torch.utils.data.Dataset):
+    """``length`` copies of one training sample (uint8 images, int64 labels), collated by a DataLoader as
+    the real datasets are."""
+
+    def __init__(self, height: int, width: int, num_classes: int, length: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.length = length
+        self.sample = {
+            domain: {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=g),
+                     "label": _blocky_labels(1, height, width, num_classes, g)[0]}
+            for domain in ("source", "target")
+        }
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        return {d: {k: v.clone() for k, v in s.items()} for d, s in self.sample.items()}
+
+
+def synthetic_loader(b: DictConfig, num_classes: int, iterations: int) -> torch.utils.data.DataLoader:
+    """``iterations`` batches of ``bench.train_batch_size`` synthetic samples."""
+    dataset = SyntheticBatches(b.height, b.width, num_classes, iterations * b.train_batch_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=b.train_batch_size,
+                                       shuffle=False, num_workers=0, pin_memory=b.device == "cuda")
+
+
+# -- clocks -----------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory over a stretch of work: the CUDA allocator's peak, or the process's peak RSS (VmHWM, reset
+    through /proc/self/clear_refs; without it, the process's lifetime peak, marked so)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.resettable = True
+        self.at_start = 0.0
+
+    def start(self) -> None:
+        """Begin a stretch: reset the peak and note what is in use already (the other rows' networks)."""
+        self.reset()
+        self.at_start = self.current_mb()
+
+    def increase_mb(self) -> float | None:
+        """Peak since :meth:`start` above what was in use then: the stretch's working memory (activations,
+        gradients, temporaries; on the CPU approximate, as the C allocator keeps freed memory)."""
+        peak = self.peak_mb()
+        return None if peak is None else max(peak - self.at_start, 0.0)
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.resettable = False
+
+    def current_mb(self) -> float:
+        """Memory in use now (allocated on CUDA, resident on the CPU)."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def peak_mb(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        import resource
+
+        self.resettable = False
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class IterationClock(pl.Callback):
+    """Start time of every training iteration and the end of training; memory peak from the second
+    iteration on (the first is the round's warm-up)."""
+
+    def __init__(self, device: torch.device, memory: PeakMemory):
+        self.device, self.memory = device, memory
+        self.stamps: list[float] = []
+        self.peak: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        if len(self.stamps) == 2:
+            self.memory.start()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        self.peak = self.memory.increase_mb()
+
+
+class CountFlops(pl.Callback):
+    """FLOPs of one whole training iteration (the second of the fit: after the first's lazy set-up)."""
+
+    def __init__(self):
+        self.counter: FlopCounterMode | None = None
+        self.flops = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            self.counter = FlopCounterMode(display=False)
+            self.counter.__enter__()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.counter is not None:
+            self.counter.__exit__(None, None, None)
+            self.flops = int(self.counter.get_total_flops())
+            self.counter = None
+
+
+def _tensor_mb(tensors: list[torch.Tensor], optimizers: list) -> float:
+    state = [v for opt in optimizers for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in [*tensors, *state]) / 2**20
+
+
+# -- rows -------------------------------------------------------------------------------------------
+def _timed_intervals(stamps: list[float]) -> list[float]:
+    """Iteration times from start stamps (+ the end): the first (warm-up) and the last (it ends with the
+    fit's tear-down) left out."""
+    return [b - a for a, b in zip(stamps[1:-2], stamps[2:-1])]
+
+
+class MethodRow:
+    """One method fitted by Lightning for a few iterations at a time, keeping its weights and optimizer
+    state from round to round."""
+
+    variant = "lightning"
+
+    def __init__(self, name: str, cfg: DictConfig, device: torch.device, precision: str, root: str):
+        from rtda.train import has_segmenter
+
+        self.name, self.device, self.precision, self.root = name, device, precision, root
+        self.cfg = cfg
+        self.segmenter = has_segmenter(cfg)
+        net = hydra.utils.instantiate(cfg.model, pretrained=False) if self.segmenter else None
+        adaptation = OmegaConf.to_container(cfg.adaptation, resolve=True)
+        adaptation.update({k: v for k, v in QUIET.items() if k in adaptation})
+        try:
+            self.module = hydra.utils.instantiate(adaptation, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer))
+        except Exception as err:  # noqa: BLE001 -- one line naming the method
+            raise ConfigValueError(f"bench.methods: {name}: could not be built: {err}") from err
+        self.params = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+        self.times: list[float] = []
+        self.peaks: list[float] = []
+
+    def _fit(self, iterations: int, callbacks: list[pl.Callback]) -> None:
+        b = self.cfg.bench
+        if self.precision == "fp16" and self.device.type == "cpu":
+            # Lightning turns 16-mixed into bf16-mixed on the CPU; the plugin itself runs float16 with its scaler
+            from pytorch_lightning.plugins.precision import MixedPrecision
+
+            precision = {"plugins": [MixedPrecision("16-mixed", "cpu")]}
+        else:
+            precision = {"precision": LIGHTNING_PRECISION[self.precision]}
+        trainer = pl.Trainer(accelerator="gpu" if self.device.type == "cuda" else "cpu", devices=1,
+                             **precision, max_steps=iterations, max_epochs=-1,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                             default_root_dir=self.root, callbacks=callbacks, log_every_n_steps=10**9)
+        loader = synthetic_loader(b, self.cfg.data.num_classes, iterations)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*(does not have many workers|has `shuffle=True`|"
+                                    "Trying to infer the `batch_size`|no `val_dataloader`|exceeds the|"
+                                    "ModelCheckpoint|LeafSpec|in eval mode at the start).*")
+            trainer.fit(self.module, train_dataloaders=loader)
+
+    def state_mb(self) -> float:
+        """Weights, buffers and optimizer state of every network the method trains."""
+        trainer = self.module._trainer
+        return _tensor_mb([*self.module.parameters(), *self.module.buffers()], trainer.optimizers if trainer else [])
+
+    def count_flops(self) -> int:
+        counter = CountFlops()
+        self._fit(2, [counter])
+        return counter.flops
+
+    def run_round(self, timed: int, memory: PeakMemory) -> None:
+        clock = IterationClock(self.device, memory)
+        self._fit(timed + 2, [clock])
+        self.times += _timed_intervals(clock.stamps)
+        if clock.peak is not None:
+            self.peaks.append(clock.peak)
+
+
+class PlainLoopRow:
+    """Source-only in a bare PyTorch loop: what rtda's source-only row is measured against."""
+
+    name = "source_only"
+    variant = "plain"
+    segmenter = True
+
+    def __init__(self, source_only: MethodRow):
+        from rtda.adaptation.base import poly_lambda
+        from rtda.data.normalization import normalize
+
+        self.cfg, self.device, self.precision = source_only.cfg, source_only.device, source_only.precision
+        ref = source_only.module
+        self.net = hydra.utils.instantiate(self.cfg.model, pretrained=False).to(self.device)
+        self.channels_last = bool(ref.hparams.channels_last)
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.net.train()
+        self.normalize = normalize
+        self.params = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+        weights = getattr(self.net, "aux_weights", {})
+        criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
+
+        def loss_fn(outputs, label):
+            from rtda.models.outputs import as_outputs
+
+            outputs = as_outputs(outputs)
+            loss = criterion(outputs.out, label)
+            for head, logits in outputs.aux.items():
+                loss = loss + weights[head] * criterion(logits, label)
+            return loss
+
+        self.loss_fn = loss_fn
+        lr = ref.optimizer_factory.keywords["lr"]
+        mult = ref.hparams.head_lr_mult if ref.hparams.head_lr_mult is not None else getattr(self.net, "head_lr_mult", 1.0)
+        if mult != 1.0 and hasattr(self.net, "backbone_parameters"):
+            backbone = {id(p) for p in self.net.backbone_parameters()}
+            groups = [{"params": [p for p in self.net.parameters() if id(p) in backbone], "lr": lr},
+                      {"params": [p for p in self.net.parameters() if id(p) not in backbone], "lr": lr * mult}]
+        else:
+            groups = [{"params": list(self.net.parameters()), "lr": lr}]
+        self.optimizer = ref.optimizer_factory(params=groups)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, poly_lambda(10**6, ref.hparams.poly_power))
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.times: list[float] = []
+        self.peaks: list[float] = []
+
+    def _autocast(self):
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def _loop(self, iterations: int, before: Callable[[int], None], after: Callable[[], None]) -> None:
+        loader = synthetic_loader(self.cfg.bench, self.cfg.data.num_classes, iterations)
+        for i, batch in enumerate(loader):
+            before(i)
+            source = batch["source"]
+            image = source["image"].to(self.device, non_blocking=True)
+            label = source["label"].to(self.device, non_blocking=True)
+            image = self.normalize(image)
+            if self.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                loss = self.loss_fn(self.net(image), label)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            self.scheduler.step()
+            if not torch.isfinite(loss.detach()):  # the same one host sync per iteration as rtda's check
+                raise RuntimeError("the plain loop diverged")
+        after()
+
+    def count_flops(self) -> int:
+        counter = FlopCounterMode(display=False)
+
+        def before(i):
+            if i == 1:
+                counter.__enter__()
+
+        self._loop(2, before, lambda: counter.__exit__(None, None, None))
+        return int(counter.get_total_flops())
+
+    def run_round(self, timed: int, memory: PeakMemory) -> None:
+        stamps: list[float] = []
+
+        def before(i):
+            _sync(self.device)
+            stamps.append(time.perf_counter())
+            if i == 1:
+                memory.start()
+
+        def after():
+            _sync(self.device)
+            stamps.append(time.perf_counter())
+
+        self._loop(timed + 2, before, after)
+        self.times += _timed_intervals(stamps)
+        self.peaks.append(memory.increase_mb())
+
+    def state_mb(self) -> float:
+        return _tensor_mb([*self.net.parameters(), *self.net.buffers()], [self.optimizer])
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+def method_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """``bench.methods`` (adaptation config names; null: the run's own ``adaptation=``), source-only first
+    whatever the list (the ratios are to it), each composed with this run's other overrides."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    methods = cfg.bench.get("methods") or [HydraConfig.get().runtime.choices.get("adaptation", "source_only")]
+    names = [str(m) for m in ([methods] if isinstance(methods, str) else methods)]
+    names = ["source_only", *[n for n in dict.fromkeys(names) if n != "source_only"]]
+    overrides = [o for o in HydraConfig.get().overrides.task
+                 if not o.lstrip("+~").startswith(("adaptation=", "bench.methods="))]
+    out = {}
+    for name in names:
+        try:
+            out[name] = compose(config_name="bench", overrides=[*overrides, f"adaptation={name}"])
+        except Exception as err:  # noqa: BLE001 -- Hydra lists the choices
+            raise ConfigValueError(f"bench.methods: {name}: {str(err).splitlines()[0]}") from err
+    return out
+
+
+def train_benchmark(cfg: DictConfig) -> list[dict]:
+    """Interleaved training-speed rows: every method of ``bench.methods`` and the plain loop."""
+    b = cfg.bench
+    device = torch.device(b.device)
+    if b.precision not in LIGHTNING_PRECISION:
+        raise ConfigValueError(f"bench.precision={b.precision!r}: expected one of {sorted(LIGHTNING_PRECISION)}")
+    if device.type == "cpu" and b.precision == "fp16":
+        raise ConfigValueError("bench.precision=fp16 needs bench.device=cuda (use bf16 on the CPU)")
+    if b.threads:
+        torch.set_num_threads(int(b.threads))
+    if int(b.train_batch_size) < 2:
+        raise ConfigValueError(f"bench.train_batch_size={b.train_batch_size}: expected 2 or more (training BatchNorm "
+                               "needs more than one value per channel)")
+    timed = int(b.train_iterations)
+    if timed < 1:
+        raise ConfigValueError(f"bench.train_iterations={timed}: expected at least 1 timed iteration per round")
+    configs = method_configs(cfg)
+    pl.seed_everything(0, verbose=False)
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    root = tempfile.mkdtemp(prefix="rtda-bench-train-")
+    rows: list = [MethodRow(name, c, device, b.precision, root) for name, c in configs.items()]
+    if b.plain_loop:
+        rows.append(PlainLoopRow(rows[0]))
+    flops = {id(r): r.count_flops() for r in rows}  # also each row's first warm-up
+    memory = PeakMemory(device)
+    start, rounds = time.perf_counter(), 0
+    while rounds < b.min_rounds or (rounds < b.max_rounds and time.perf_counter() - start < b.max_seconds * len(rows)):
+        order = rows[rounds % len(rows):] + rows[:rounds % len(rows)]  # rotate: no row always runs first
+        for row in order:
+            row.run_round(timed, memory)
+        rounds += 1
+    return _rows(rows, flops, cfg, memory, rounds)
+
+
+def _rows(rows: list, flops: dict, cfg: DictConfig, memory: PeakMemory, rounds: int) -> list[dict]:
+    from hydra.core.hydra_config import HydraConfig
+
+    b = cfg.bench
+    model = HydraConfig.get().runtime.choices.get("model", "")
+    out = []
+    for row in rows:
+        times = np.asarray(row.times)
+        median = float(np.median(times))
+        note = []
+        if not row.segmenter:
+            note.append("no segmenter: its own networks only")
+        if not memory.resettable and b.device == "cpu":
+            note.append("peak RSS of the whole process")
+        out.append({
+            "method": row.name, "variant": row.variant, "model": model if row.segmenter else "-",
+            "device": b.device, "precision": b.precision, "input": f"{b.train_batch_size}x3x{b.height}x{b.width}",
+            "params_M": row.params / 1e6, "GFLOPs_per_it": flops[id(row)] / 1e9,
+            "median_s": median, "p90_s": float(np.percentile(times, 90)), "images_per_s": b.train_batch_size / median,
+            "peak_mem_MB": (max(row.peaks) + row.state_mb()) if row.peaks else None, "iterations": len(times), "rounds": rounds,
+            "note": "; ".join(note),
+        })
+    ref = next((r for r in out if r["method"] == "source_only" and r["variant"] == "lightning"), None)
+    plain = next((r for r in out if r["variant"] == "plain"), None)
+    for r in out:
+        if ref is not None:
+            r["time_ratio"] = r["median_s"] / ref["median_s"]
+            r["flop_ratio"] = r["GFLOPs_per_it"] / ref["GFLOPs_per_it"] if ref["GFLOPs_per_it"] else None
+            r["overhead"] = r["time_ratio"] / r["flop_ratio"] if r["flop_ratio"] else None
+        if plain is not None and r is not plain and r["method"] == "source_only":
+            r["vs_plain"] = r["median_s"] / plain["median_s"]
+    return out
