@@ -427,7 +427,8 @@ def miou_bars(rows, runs=(), path=None):
         seeds = [100.0 * by_dir[d]["mIoU"] for d in row["run_dirs"] if d in by_dir and by_dir[d]["mIoU"] is not None]
         ax.scatter([i] * len(seeds), seeds, color="black", s=12, zorder=3, label="one run (seed)" if i == 0 and seeds else None)
         text = f"{row['mIoU']:.1f}" + (f" ± {row['mIoU_std']:.1f}" if row["mIoU_std"] is not None else "")
-        ax.annotate(text, (i, _nan(row["mIoU"])), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8)
+        ax.annotate(text, (i, _nan(row["mIoU"]) + (row["mIoU_std"] or 0.0)), xytext=(0, 4), textcoords="offset points",
+                    ha="center", fontsize=8)
     ax.set_xticks(range(len(rows)), [r.get("label", r["group"]) for r in rows], rotation=20, ha="right")
     ax.set_ylabel("target test mIoU (%)")
     ax.set_title("mean ± std over seeds")

@@ -151,3 +151,73 @@ def test_03_results_reads_a_sweep_measures_the_missing_speed_and_draws_the_trade
     assert "| 4 settings" not in compare_table and compare_table.count("\n|") >= 5
     measured = list((outputs / "bench" / "runs").glob("nb_bisenet_r18*/bench.json"))
     assert len(measured) == 1 and json.loads(measured[0].read_text())[0]["input"] == "1x3x64x128"
+
+
+# -- rtda.notebook: how the notebooks find their inputs (seconds) ---------------------------------------------
+
+def test_specs_select_runs_and_rows_by_their_command_line(tmp_path):
+    from rtda.compare import summarize
+    from rtda.notebook import find_runs, matches, parse_spec, seed_table, select_rows
+
+    assert parse_spec("data=demo +adaptation.beta=0.05") == {"data": "demo", "adaptation.beta": "0.05"}
+    with pytest.raises(Exception, match="not key=value"):
+        parse_spec("data")
+    base = {"data": "demo", "model": "bisenet_r18"}
+    fake_run(tmp_path / "a0", {**base, "adaptation": "source_only"}, 0, 0.30)
+    fake_run(tmp_path / "a1", {**base, "adaptation": "source_only"}, 1, 0.34)
+    fake_run(tmp_path / "b0", {**base, "adaptation": "fda"}, 0, 0.40, overrides=["adaptation.beta=0.05"])
+    fake_run(tmp_path / "c0", {**base, "data": "demo_oracle", "adaptation": "source_only"}, 0, 0.6)
+    (tmp_path / "c0" / "results.json").write_text((tmp_path / "c0" / "results.json").read_text()
+                                                  .replace('"completed"', '"failed"'))
+    runs = find_runs([tmp_path, tmp_path / "missing"], "data=demo adaptation=source_only")
+    assert sorted(r["seed"] for r in runs) == [0, 1]
+    assert [r["seed"] for r in find_runs(tmp_path, "adaptation.beta=0.05")] == [0]
+    assert find_runs(tmp_path, "data=demo_oracle") == []  # failed: never used
+    assert matches(runs[0], "model=bisenet_r18") and not matches(runs[0], "adaptation=fda")
+    all_runs = find_runs(tmp_path)
+    rows = select_rows(summarize(all_runs), {"FDA": "adaptation=fda", "source-only": "data=demo adaptation=source_only",
+                                             "none": "adaptation=advent"})
+    assert [(r["label"], r["runs"]) for r in rows] == [("FDA", 1), ("source-only", 2)]
+    table = seed_table(rows, all_runs).splitlines()
+    assert table[0] == "| setting | seed 0 | seed 1 | mean ± std |"
+    assert table[2].startswith("| FDA | ") and table[2].endswith(" |  | " + f"{rows[0]['mIoU']:.2f} |")
+    assert table[3].startswith("| source-only | ") and " ± " in table[3]
+
+
+def test_bench_rows_take_the_newest_matching_result_and_speed_points_join_them(tmp_path):
+    import os
+
+    from rtda.errors import RtdaError
+    from rtda.notebook import bench_rows, speed_points
+
+    def write(folder, rows, mtime):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "bench.json").write_text(json.dumps(rows))
+        os.utime(tmp_path / folder / "bench.json", (mtime, mtime))
+
+    row = {"model": "bisenet_r18", "variant": "eager", "input": "1x3x64x128", "fps": 50.0}
+    write("old", [row], 1000)
+    write("new", [{**row, "fps": 60.0}, {**row, "variant": "plain", "fps": 99.0}, {**row, "input": "1x3x32x64", "fps": 1.0}], 2000)
+    speeds = bench_rows(tmp_path, ["bisenet_r18"], (64, 128))
+    assert speeds["bisenet_r18"]["fps"] == 60.0
+    with pytest.raises(RtdaError, match="no rtda-bench result for model=deeplabv2_r101"):
+        bench_rows(tmp_path, ["deeplabv2_r101"], (64, 128))  # and no outputs folder to measure it into
+    rows = [{"group": "g", "label": "FDA", "setting": {"model": "bisenet_r18"}, "mIoU": 40.0, "mIoU_std": 1.0},
+            {"group": "h", "setting": {"model": "deeplabv2_r101"}, "mIoU": 45.0, "mIoU_std": None}]
+    assert speed_points(rows, speeds) == [{"label": "FDA", "model": "bisenet_r18", "fps": 60.0, "mIoU": 40.0, "mIoU_std": 1.0}]
+
+
+def test_a_runs_checkpoint_is_the_tested_one_else_last(tmp_path):
+    from rtda.errors import RtdaError
+    from rtda.notebook import checkpoint_of
+
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    run = {"run_dir": str(tmp_path), "results": {"checkpoint": str(tmp_path / "gone.ckpt")}}
+    with pytest.raises(RtdaError, match="no checkpoint"):
+        checkpoint_of(run)
+    last.write_bytes(b"")
+    assert checkpoint_of(run) == last
+    best = tmp_path / "best.ckpt"
+    best.write_bytes(b"")
+    assert checkpoint_of({**run, "results": {"checkpoint": str(best)}}) == best
