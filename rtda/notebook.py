@@ -146,16 +146,18 @@ def train(spec: str | Sequence[str], outputs: str | Path, overrides: Sequence[st
 def runs_for(specs: Mapping[str, str], outputs: str | Path = "outputs", overrides: Sequence[str] = (),
              data_dir: str | Path | None = None, seeds: Sequence[int] | None = None, scored: bool = True) -> dict:
     """For each ``label: spec``, the newest finished run matching it under ``outputs``, or (none there) one
-    trained now with ``overrides`` (a short budget); with ``seeds``, every run of the spec, and one trained for
-    each seed when the spec has none. Returns {label: run} (with ``seeds``: {label: [runs]})."""
+    trained now with ``overrides`` (a short budget). With ``seeds``: every finished run of the spec, plus one
+    trained now for each of ``seeds`` that none of them has. Returns {label: run} (with ``seeds``: {label: [runs]})."""
     outputs = resolve(outputs)
     out = {}
     for label, spec in specs.items():
         found = find_runs([outputs], spec, scored)
-        if not found:
-            found = [train(spec, outputs, [*overrides, f"seed={s}"], f"nb_{label}_seed{s}", data_dir) for s in seeds] \
-                if seeds else [train(spec, outputs, overrides, f"nb_{label}", data_dir)]
-        out[label] = found if seeds else found[0]
+        if seeds:
+            have = {r["seed"] for r in found}
+            out[label] = found + [train(spec, outputs, [*overrides, f"seed={s}"], f"nb_{label}_seed{s}", data_dir)
+                                  for s in seeds if s not in have]
+        else:
+            out[label] = found[0] if found else train(spec, outputs, overrides, f"nb_{label}", data_dir)
     return out
 
 

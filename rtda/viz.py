@@ -8,6 +8,8 @@ without pyplot: a notebook shows each once, a script saves it with ``path=``.
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import torch
 
@@ -127,7 +129,7 @@ def image_grid(rows, titles=None, row_labels=None, path=None, cell_width: float 
             if i == 0 and titles:
                 ax.set_title(titles[j], fontsize=9)
             if j == 0 and row_labels:
-                ax.set_ylabel(row_labels[i], fontsize=8)
+                ax.set_ylabel("\n".join(textwrap.wrap(str(row_labels[i]), 16)), fontsize=7)
     if legend:
         fig.legend(handles=_legend_patches(legend), loc="outside lower center", ncol=min(len(legend), 6), fontsize=8)
     return _done(fig, path)

@@ -221,3 +221,24 @@ def test_a_runs_checkpoint_is_the_tested_one_else_last(tmp_path):
     best = tmp_path / "best.ckpt"
     best.write_bytes(b"")
     assert checkpoint_of({**run, "results": {"checkpoint": str(best)}}) == best
+
+
+def test_runs_for_uses_what_is_there_and_trains_only_what_is_missing(tmp_path, monkeypatch):
+    import rtda.notebook as nb
+
+    trained = []
+
+    def fake_train(spec, outputs, overrides, name, data_dir):
+        trained.append((spec, list(overrides), name))
+        return {"run_dir": name, "seed": int(overrides[-1].split("=")[1]) if overrides and "seed=" in overrides[-1] else None}
+
+    monkeypatch.setattr(nb, "train", fake_train)
+    outputs = tmp_path / "outputs"
+    fake_run(outputs / "train" / "runs" / "a", {"data": "demo", "adaptation": "source_only"}, 0, 0.3)
+    specs = {"source-only": "data=demo adaptation=source_only", "FDA": "data=demo adaptation=fda"}
+    runs = nb.runs_for(specs, outputs, ["trainer.max_steps=5"])
+    assert runs["source-only"]["seed"] == 0 and trained == [("data=demo adaptation=fda", ["trainer.max_steps=5"], "nb_FDA")]
+    trained.clear()
+    runs = nb.runs_for(specs, outputs, ["trainer.max_steps=5"], seeds=[0, 1])
+    assert [r["seed"] for r in runs["source-only"]] == [0, 1] and [r["seed"] for r in runs["FDA"]] == [0, 1]
+    assert [name for *_, name in trained] == ["nb_source-only_seed1", "nb_FDA_seed0", "nb_FDA_seed1"]
