@@ -240,7 +240,19 @@ def _columns(rows: list[dict]) -> list[str]:
         return TRAIN_COLUMNS
     if kinds == {"data"}:
         return DATA_COLUMNS
-    return COLUMNS
+    if kinds == {"infer"}:
+        return COLUMNS
+    return list(dict.fromkeys(["mode", *COLUMNS, *TRAIN_COLUMNS, *DATA_COLUMNS]))  # a collection of several kinds
+
+
+def format_tables(rows: list[dict]) -> str:
+    """One table per kind of rows (inference, training, data pipeline), in that order."""
+    parts = []
+    for mode in ("infer", "train", "data"):
+        some = [r for r in rows if r.get("mode", "infer") == mode]
+        if some:
+            parts.append(format_table(some))
+    return "\n\n".join(parts)
 
 
 def write_rows(rows: list[dict], folder: Path, name: str = "bench") -> None:
@@ -276,7 +288,7 @@ class ComparisonTable(Callback):
         rows = collect(sweep)
         if rows:
             write_rows(rows, sweep, "comparison")
-            print(f"\nrtda-bench comparison ({machine_line(rows)})\n{format_table(rows)}\nwritten to {sweep / 'comparison.csv'}")
+            print(f"\nrtda-bench comparison ({machine_line(rows)})\n{format_tables(rows)}\nwritten to {sweep / 'comparison.csv'}")
 
 
 @hydra.main(version_base="1.3", config_path=str(rtda_config.CONFIG_DIR), config_name="bench")
@@ -303,7 +315,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         r.setdefault("machine", _machine(cfg))
     folder = Path(cfg.paths.output_dir)
     write_rows(rows, folder)
-    print(f"\nrtda-bench ({machine_line(rows)})\n{format_table(rows)}\nwritten to {folder / 'bench.csv'}")
+    print(f"\nrtda-bench ({machine_line(rows)})\n{format_tables(rows)}\nwritten to {folder / 'bench.csv'}")
     eager = next((r for r in rows if r.get("variant") in ("eager", "lightning") and ("median_ms" in r or "median_s" in r)), rows[0])
     return eager.get("median_ms", eager.get("median_s", float("nan")))
 
@@ -314,7 +326,7 @@ def main() -> None:
         if not rows:
             raise SystemExit(f"rtda: error: no bench.json below {sys.argv[2]}")
         write_rows(rows, Path(sys.argv[2]), "comparison")
-        print(f"{machine_line(rows)}\n{format_table(rows)}")
+        print(f"{machine_line(rows)}\n{format_tables(rows)}")
         return
     run_cli(_hydra_main)
 

@@ -23,9 +23,10 @@ all rows alike; median and p90 are over every timed iteration. FLOPs are those o
 ``torch.utils.flop_counter`` on the second iteration of a separate short fit; FFTs, EMA updates,
 element-wise ops and optimizer updates count no FLOPs. ``time_ratio`` is a row's median over source-only's,
 ``flop_ratio`` its FLOPs over source-only's, ``overhead`` their quotient: the share of a method's extra time that
-its extra arithmetic does not explain. Peak memory is the CUDA allocator's peak during a row's timed
-iterations on the GPU; on the CPU the process's peak RSS over them (``VmHWM`` reset through
-``/proc/self/clear_refs``), i.e. weights, optimizer state and activations of that row.
+its extra arithmetic does not explain. ``peak_mem_MB`` is what a row needs: its networks' weights, buffers and
+optimizer state plus the peak of what its iterations allocate above that (activations, gradients,
+temporaries) — the CUDA allocator's peak on the GPU; on the CPU the growth of the process's peak resident
+memory (``VmHWM``, reset through ``/proc/self/clear_refs`` after ``malloc_trim``) over the round.
 """
 
 from __future__ import annotations
@@ -100,6 +101,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _malloc_trim() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class PeakMemory:
     """Peak memory over a stretch of work: the CUDA allocator's peak, or the process's peak RSS (VmHWM, reset
     through /proc/self/clear_refs; without it, the process's lifetime peak, marked so)."""
@@ -110,13 +120,17 @@ class PeakMemory:
         self.at_start = 0.0
 
     def start(self) -> None:
-        """Begin a stretch: reset the peak and note what is in use already (the other rows' networks)."""
+        """Begin a stretch: reset the peak and note what is in use already (the other rows' networks). On the
+        CPU, memory the C allocator keeps from earlier rows goes back to the system first (``malloc_trim``),
+        so that this row's allocations show as resident memory it adds."""
+        if self.device.type == "cpu":
+            _malloc_trim()
         self.reset()
         self.at_start = self.current_mb()
 
     def increase_mb(self) -> float | None:
         """Peak since :meth:`start` above what was in use then: the stretch's working memory (activations,
-        gradients, temporaries; on the CPU approximate, as the C allocator keeps freed memory)."""
+        gradients, temporaries)."""
         peak = self.peak_mb()
         return None if peak is None else max(peak - self.at_start, 0.0)
 
@@ -160,8 +174,7 @@ class PeakMemory:
 
 
 class IterationClock(pl.Callback):
-    """Start time of every training iteration and the end of training; memory peak from the second
-    iteration on (the first is the round's warm-up)."""
+    """Start time of every training iteration and the end of training; the memory peak over the round."""
 
     def __init__(self, device: torch.device, memory: PeakMemory):
         self.device, self.memory = device, memory
@@ -171,7 +184,7 @@ class IterationClock(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         _sync(self.device)
         self.stamps.append(time.perf_counter())
-        if len(self.stamps) == 2:
+        if len(self.stamps) == 1:  # at the warm-up iteration: it pays for the pages the trim gives back
             self.memory.start()
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -365,7 +378,7 @@ class PlainLoopRow:
         def before(i):
             _sync(self.device)
             stamps.append(time.perf_counter())
-            if i == 1:
+            if i == 0:
                 memory.start()
 
         def after():

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU figures for BENCHMARKS.md: rtda-bench for BiSeNet-R18 and DeepLabV2-R101 at 512x1024 and 1024x2048,
-# fp32 / fp16 / bf16, rows plain / eager / channels_last (+ torch.compile at bf16), then one table.
+# fp32 / fp16 / bf16, rows plain / eager / channels_last (+ torch.compile at bf16); then training: seconds per
+# iteration of every method against the plain PyTorch loop at 512x1024, fp32 and bf16 (RTDA_BENCH_TRAIN=0: skip);
+# then one table of each kind.
 # Needs a CUDA GPU. On a machine without Hydra: run scripts/gpu_wheels.sh where PyPI is reachable first,
 # carry .whl/ along, and this script installs them into /tmp/site (albumentations is not needed here).
 set -euo pipefail
@@ -27,4 +29,16 @@ for size in $sizes; do
       || { tail -30 "$out/${size}_$prec.log"; exit 1; }
   done
 done
+if [ "${RTDA_BENCH_TRAIN:-1}" = 1 ]; then
+  methods='[source_only,adversarial,minent,advent,fda,fda_ssl,dacs,mic,cyclegan]'
+  for model in bisenet_r18 deeplabv2_r101; do
+    bs=8; [ "$model" = deeplabv2_r101 ] && bs=2        # DeepLabV2: 2 images per domain fit a 40 GB card in fp32
+    for prec in ${RTDA_BENCH_TRAIN_PRECISIONS:-fp32 bf16}; do
+      python3 -m rtda.bench bench.mode=train model=$model bench.device=$device bench.precision=$prec \
+        bench.height=512 bench.width=1024 bench.train_batch_size=$bs "bench.methods=$methods" bench.train_iterations=5 \
+        bench.min_rounds=3 bench.max_rounds=6 bench.max_seconds=4 "hydra.run.dir=$out/train_${model}_$prec" \
+        > "$out/train_${model}_$prec.log" 2>&1 || { tail -30 "$out/train_${model}_$prec.log"; exit 1; }
+    done
+  done
+fi
 python3 -m rtda.bench --collect "$out"
