@@ -45,7 +45,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from rtda.errors import ConfigValueError
+from rtda.errors import ConfigValueError, TrainingDiverged
 
 log = logging.getLogger("rtda")
 
@@ -72,7 +72,8 @@ class SyntheticBatches(torch.utils.data.Dataset):
     """``length`` copies of one training sample (uint8 images, int64 labels), collated by a DataLoader as
     the real datasets are."""
 
-    def __init__(self, height: int, width: int, num_classes: int, length: int, seed: int = 0):
+    def __init__(self, height: int, width: int, num_classes: int, length: int, seed: int = 0,
+                 domains: tuple[str, ...] = ("source", "target")):
         g = torch.Generator().manual_seed(seed)
         self.length = length
         self.sample = {
@@ -80,6 +81,7 @@ class SyntheticBatches(torch.utils.data.Dataset):
                      "label": _blocky_labels(1, height, width, num_classes, g)[0]}
             for domain in ("source", "target")
         }
+        self.sample = {d: self.sample[d] for d in domains}  # the same pixels whatever the domains kept
 
     def __len__(self) -> int:
         return self.length
@@ -88,9 +90,11 @@ class SyntheticBatches(torch.utils.data.Dataset):
         return {d: {k: v.clone() for k, v in s.items()} for d, s in self.sample.items()}
 
 
-def synthetic_loader(b: DictConfig, num_classes: int, iterations: int) -> torch.utils.data.DataLoader:
-    """``iterations`` batches of ``bench.train_batch_size`` synthetic samples."""
-    dataset = SyntheticBatches(b.height, b.width, num_classes, iterations * b.train_batch_size)
+def synthetic_loader(b: DictConfig, num_classes: int, iterations: int, target: bool) -> torch.utils.data.DataLoader:
+    """``iterations`` batches of ``bench.train_batch_size`` synthetic samples; a target batch only for a method
+    that reads one (as the data module gives source-only no target loader)."""
+    domains = ("source", "target") if target else ("source",)
+    dataset = SyntheticBatches(b.height, b.width, num_classes, iterations * b.train_batch_size, domains=domains)
     return torch.utils.data.DataLoader(dataset, batch_size=b.train_batch_size,
                                        shuffle=False, num_workers=0, pin_memory=b.device == "cuda")
 
@@ -261,12 +265,18 @@ class MethodRow:
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                              default_root_dir=self.root, callbacks=callbacks, log_every_n_steps=10**9)
-        loader = synthetic_loader(b, self.cfg.data.num_classes, iterations)
+        loader = synthetic_loader(b, self.cfg.data.num_classes, iterations, self.module.uses_target_images)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*(does not have many workers|has `shuffle=True`|"
                                     "Trying to infer the `batch_size`|no `val_dataloader`|exceeds the|"
                                     "ModelCheckpoint|LeafSpec|in eval mode at the start).*")
-            trainer.fit(self.module, train_dataloaders=loader)
+            try:
+                trainer.fit(self.module, train_dataloaders=loader)
+            except TrainingDiverged as err:
+                raise ConfigValueError(
+                    f"bench.methods: {self.name} diverged on the synthetic batches at optimizer.lr="
+                    f"{self.cfg.optimizer.get('lr')} ({err}); give the network's own rate, e.g. optimizer.lr=2.5e-4 "
+                    "for model=deeplabv2_r101 as its experiments do") from err
 
     def state_mb(self) -> float:
         """Weights, buffers and optimizer state of every network the method trains."""
@@ -338,7 +348,7 @@ class PlainLoopRow:
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def _loop(self, iterations: int, before: Callable[[int], None], after: Callable[[], None]) -> None:
-        loader = synthetic_loader(self.cfg.bench, self.cfg.data.num_classes, iterations)
+        loader = synthetic_loader(self.cfg.bench, self.cfg.data.num_classes, iterations, target=False)
         for i, batch in enumerate(loader):
             before(i)
             source = batch["source"]
