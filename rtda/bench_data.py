@@ -10,10 +10,13 @@ training step's images/s beside them: how many workers a run needs.
 Rows: one ``per_worker`` row per training set and augmentation pipeline, read in this process sample by
 sample with its time split into image decoding, label decoding, the transform (resize + augmentation) and
 collation; one ``loader`` row per worker count (``bench.workers``) through the same ``DataLoader`` as
-training (its first batch, the workers' start, left out); and the training step's images/s — source-only
-of ``model=`` at the source set's training size, ``bench.train_batch_size``, on ``bench.device`` (or
-``bench.target_images_per_s``) — with ``workers_needed`` = ceil(step images/s ÷ images/s per worker): the
-GPU starves with fewer. Without ``bench.data`` the sets are synthetic files written once under
+training (the batches made while the workers start left out); and the training step's images/s —
+source-only of ``model=`` at the source set's training size and the data config's ``batch_size`` (or
+``bench.data_batch_size``), on ``bench.device`` (or ``bench.target_images_per_s``) — with ``workers_needed`` = ceil(step images/s ÷ images/s per worker): the
+GPU starves with fewer. The step's rate is per domain: a method reading the target (every adaptation method)
+runs a source and a target loader side by side, each needing its own workers, on the same cores.
+
+Without ``bench.data`` the sets are synthetic files written once under
 ``paths.data_dir/bench_fullsize`` in the real formats at the real sizes (GTA5 1914x1052 PNG + indexed
 labels, Cityscapes 2048x1024 PNG), rendered scenes about as compressible as the real ones (bytes per pixel
 in the ``note``), read with the data config ``gta5_to_cityscapes``.
@@ -31,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rtda.errors import ConfigValueError
 
-DATA_COLUMNS = ["dataset", "kind", "augmentation", "stored", "size", "workers", "images_per_s", "decode_image_ms",
+DATA_COLUMNS = ["dataset", "kind", "augmentation", "stored", "size", "batch", "workers", "images_per_s", "decode_image_ms",
                 "decode_label_ms", "transform_ms", "collate_ms", "train_images_per_s", "workers_needed", "note"]
 
 #: how many synthetic full-size files of each domain ``bench.data=null`` writes (then reads in a cycle)
@@ -112,36 +115,49 @@ def per_worker(dataset, n: int, batch_size: int) -> dict:
 
 
 def loader_rate(dataset, n: int, batch_size: int, workers: int, pin_memory: bool) -> float:
-    """Images/s through a ``DataLoader`` as training builds it, after its first batch (the workers' start)."""
+    """Images/s through a ``DataLoader`` as training builds it, over ``n`` images after the batches made
+    before the clock starts (the first one, waited for while the workers start, and the two each worker
+    prefetches meanwhile)."""
     from torch.utils.data import DataLoader, Subset
 
-    batches = max(math.ceil(n / batch_size), 2) + 1
+    skip = 1 + 2 * workers
+    batches = max(math.ceil(n / batch_size), 2) + skip
     indices = [i % len(dataset) for i in range(batches * batch_size)]
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=pin_memory, drop_last=True)
     it = iter(loader)
-    next(it)
+    for _ in range(skip):
+        next(it)
     start = time.perf_counter()
     seen = sum(b["image"].shape[0] for b in it)
     return seen / (time.perf_counter() - start)
 
 
-def train_step_rate(cfg: DictConfig, size) -> float:
-    """Source-only training images/s of ``model=`` at ``size`` on ``bench.device`` (Lightning, synthetic batches)."""
+def train_step_rate(cfg: DictConfig, size, batch_size: int) -> float:
+    """Source images/s of source-only training of ``model=`` at ``size`` and ``batch_size`` on ``bench.device``
+    (Lightning, synthetic batches, :mod:`rtda.bench_train`)."""
+    import tempfile
+
     from rtda.bench_train import MethodRow, PeakMemory, method_configs
 
     cfg_train = method_configs(cfg)["source_only"]
     OmegaConf.set_struct(cfg_train, False)
     cfg_train.bench.height, cfg_train.bench.width = int(size[0]), int(size[1])
-    import tempfile
-
+    cfg_train.bench.train_batch_size = batch_size
     row = MethodRow("source_only", cfg_train, torch.device(cfg.bench.device), cfg.bench.precision, tempfile.mkdtemp())
     row.run_round(max(int(cfg.bench.train_iterations), 2), PeakMemory(torch.device(cfg.bench.device)))
     times = sorted(row.times)
-    return cfg.bench.train_batch_size / times[len(times) // 2]
+    return batch_size / times[len(times) // 2]
 
 
 def data_benchmark(cfg: DictConfig) -> list[dict]:
+    from rtda.errors import RtdaError
+
+    try:
+        import albumentations  # noqa: F401 -- the training transforms
+    except ImportError as err:
+        raise RtdaError(f"bench.mode=data reads through the training transforms, which need albumentations ({err}): "
+                        "pip install -e . (bench.mode=infer and train do not)") from err
     b = cfg.bench
     augmentations = b.get("augmentation") or ["none"]
     augmentations = [augmentations] if isinstance(augmentations, str) else list(augmentations)
@@ -154,22 +170,27 @@ def data_benchmark(cfg: DictConfig) -> list[dict]:
         data_cfg = data_config(cfg, aug)
         datamodule = hydra.utils.instantiate(data_cfg.data, augmentation=data_cfg.get("augmentation"))
         datamodule.prepare_data()
+        batch_size = int(b.get("data_batch_size") or datamodule.batch_size)
         for split in ("source", "target"):
             if datamodule.factories.get(split) is None:
                 continue
             dataset = datamodule.dataset(split)
             size = datamodule.sizes[split]
             if split == "source" and train_rate is None:
-                train_rate = train_step_rate(cfg, size)
+                if size is None:
+                    raise ConfigValueError("data.source_size is null: give bench.target_images_per_s (the training "
+                                           "step's images/s) to compare the loaders with")
+                train_rate = train_step_rate(cfg, size, batch_size)
             stored, bpp = _stored(dataset)
             common = {"dataset": f"{split}: {type(dataset).__name__}", "augmentation": aug, "stored": stored,
+                      "batch": batch_size,
                       "size": "x".join(str(s) for s in reversed(size)) if size else stored}
-            per = per_worker(dataset, n, b.train_batch_size)
+            per = per_worker(dataset, n, batch_size)
             needed = math.ceil(train_rate / per["images_per_s"]) if train_rate else None
             rows.append({**common, "kind": "per_worker", "workers": 1, **per, "train_images_per_s": train_rate,
                          "workers_needed": needed, "note": bpp})
             for workers in b.workers:
-                rate = loader_rate(dataset, n, b.train_batch_size, int(workers), b.device == "cuda")
+                rate = loader_rate(dataset, n, batch_size, int(workers), torch.device(b.device).type == "cuda")
                 rows.append({**common, "kind": "loader", "workers": int(workers), "images_per_s": rate,
                              "train_images_per_s": train_rate,
                              "note": ("keeps up" if train_rate and rate >= train_rate else

@@ -18,10 +18,16 @@ One iteration is the time between the starts of two consecutive iterations (all 
 transfer hooks, forward, backward, optimizer steps, logging, Lightning's loop), synchronised on CUDA. Rows
 are interleaved: every round runs each row for ``bench.train_iterations`` timed iterations (after one
 warm-up iteration per round; a new ``Trainer`` per round, its set-up not timed), so a noisy machine slows
-all rows alike; median and p90 are over every timed iteration. FLOPs are those of one whole iteration
-(forward and backward of every network the method runs; the teacher's no-grad passes too) counted by
-``torch.utils.flop_counter`` on the second iteration of a separate short fit; FFTs, EMA updates,
-element-wise ops and optimizer updates count no FLOPs. ``time_ratio`` is a row's median over source-only's,
+all rows alike; median and p90 are over every timed iteration. FLOPs are those of whole iterations
+(forward and backward of every network the method runs; the teacher's no-grad passes, DACS's blur too)
+counted by ``torch.utils.flop_counter`` over iterations 2-5 of a separate short fit and averaged (methods
+draw random branches); FFTs, EMA updates, element-wise ops and optimizer updates count no FLOPs.
+``images_per_s`` counts source images (a method reading the target takes as many target images again).
+Networks start from random initialisation, so that training on random labels stays finite every rate is
+multiplied by ``bench.lr_scale`` (1e-3: at its real rate DeepLabV2's gradient norm is ~6e3 at the first
+iteration and the loss is NaN by the fourth; the arithmetic is the same at any rate) and frozen BatchNorm
+(DeepLabV2) is calibrated on a synthetic batch (:func:`calibrate_frozen_batchnorm`). ``adaptation.<key>=…`` overrides apply
+to the methods that have the key (listed in the row's ``note``). ``time_ratio`` is a row's median over source-only's,
 ``flop_ratio`` its FLOPs over source-only's, ``overhead`` their quotient: the share of a method's extra time that
 its extra arithmetic does not explain. ``peak_mem_MB`` is what a row needs: its networks' weights, buffers and
 optimizer state plus the peak of what its iterations allocate above that (activations, gradients,
@@ -42,7 +48,7 @@ import hydra
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.flop_counter import FlopCounterMode
 
 from rtda.errors import ConfigValueError, TrainingDiverged
@@ -55,7 +61,7 @@ LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixe
 QUIET = {"num_log_images": 0, "num_style_samples": 0, "num_mix_samples": 0, "num_samples": 0}
 
 TRAIN_COLUMNS = ["method", "variant", "model", "device", "precision", "input", "params_M", "GFLOPs_per_it",
-                 "median_s", "p90_s", "images_per_s", "time_ratio", "flop_ratio", "overhead", "vs_plain",
+                 "median_s", "mean_s", "p90_s", "images_per_s", "time_ratio", "flop_ratio", "overhead", "vs_plain",
                  "peak_mem_MB", "iterations", "note"]
 
 
@@ -73,7 +79,7 @@ class SyntheticBatches(torch.utils.data.Dataset):
     the real datasets are."""
 
     def __init__(self, height: int, width: int, num_classes: int, length: int, seed: int = 0,
-                 domains: tuple[str, ...] = ("source", "target")):
+                 target: bool = True, target_label: bool = True):
         g = torch.Generator().manual_seed(seed)
         self.length = length
         self.sample = {
@@ -81,7 +87,12 @@ class SyntheticBatches(torch.utils.data.Dataset):
                      "label": _blocky_labels(1, height, width, num_classes, g)[0]}
             for domain in ("source", "target")
         }
-        self.sample = {d: self.sample[d] for d in domains}  # the same pixels whatever the domains kept
+        # what the data module would deliver: no target loader for source-only, target labels only for a method
+        # training on (pseudo-)labelled target images; the same pixels whatever is kept
+        if not target:
+            del self.sample["target"]
+        elif not target_label:
+            del self.sample["target"]["label"]
 
     def __len__(self) -> int:
         return self.length
@@ -90,13 +101,49 @@ class SyntheticBatches(torch.utils.data.Dataset):
         return {d: {k: v.clone() for k, v in s.items()} for d, s in self.sample.items()}
 
 
-def synthetic_loader(b: DictConfig, num_classes: int, iterations: int, target: bool) -> torch.utils.data.DataLoader:
-    """``iterations`` batches of ``bench.train_batch_size`` synthetic samples; a target batch only for a method
-    that reads one (as the data module gives source-only no target loader)."""
-    domains = ("source", "target") if target else ("source",)
-    dataset = SyntheticBatches(b.height, b.width, num_classes, iterations * b.train_batch_size, domains=domains)
-    return torch.utils.data.DataLoader(dataset, batch_size=b.train_batch_size,
-                                       shuffle=False, num_workers=0, pin_memory=b.device == "cuda")
+def synthetic_loader(b: DictConfig, num_classes: int, iterations: int, module=None) -> torch.utils.data.DataLoader:
+    """``iterations`` batches of ``bench.train_batch_size`` synthetic samples, with a target batch (and target
+    labels) only when ``module`` reads them."""
+    dataset = SyntheticBatches(b.height, b.width, num_classes, iterations * b.train_batch_size,
+                               target=bool(getattr(module, "uses_target_images", False)),
+                               target_label=bool(getattr(module, "uses_target_labels", False)))
+    return torch.utils.data.DataLoader(dataset, batch_size=b.train_batch_size, shuffle=False, num_workers=0,
+                                       pin_memory=torch.device(b.device).type == "cuda")
+
+
+@torch.no_grad()
+def calibrate_frozen_batchnorm(net: torch.nn.Module, image: torch.Tensor) -> None:
+    """Set every frozen BatchNorm's statistics to those of its input on ``image``, layer after layer (one
+    forward pass). DeepLabV2 freezes its BatchNorm on ImageNet statistics; from random initialisation (the
+    benchmark downloads nothing) unnormalised activations overflow within a few iterations, and training on
+    inf/NaN is neither what a run computes nor timed alike. A no-op for networks without frozen BatchNorm."""
+    from rtda.models.frozen_bn import FrozenBatchNorm2d
+
+    def set_stats(layer, inputs):
+        x = inputs[0].float()
+        layer.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        layer.running_var.copy_(x.var(dim=(0, 2, 3)))
+
+    hooks = [m.register_forward_pre_hook(set_stats) for m in net.modules() if isinstance(m, FrozenBatchNorm2d)]
+    if not hooks:
+        return
+    was_training = net.training
+    try:
+        net.eval()(image)
+    finally:
+        net.train(was_training)
+        for hook in hooks:
+            hook.remove()
+
+
+def build_net(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+    """``model=`` from random initialisation, frozen BatchNorm calibrated on a synthetic batch."""
+    from rtda.data.normalization import normalize
+
+    net = hydra.utils.instantiate(cfg.model, pretrained=False)
+    sample = SyntheticBatches(cfg.bench.height, cfg.bench.width, cfg.data.num_classes, 1, target=False)[0]
+    calibrate_frozen_batchnorm(net, normalize(sample["source"]["image"][None].repeat(2, 1, 1, 1)))
+    return net.to(device)
 
 
 # -- clocks -----------------------------------------------------------------------------------------
@@ -127,6 +174,9 @@ class PeakMemory:
         """Begin a stretch: reset the peak and note what is in use already (the other rows' networks). On the
         CPU, memory the C allocator keeps from earlier rows goes back to the system first (``malloc_trim``),
         so that this row's allocations show as resident memory it adds."""
+        import gc
+
+        gc.collect()  # the previous round's trainer, optimizers and graphs (reference cycles)
         if self.device.type == "cpu":
             _malloc_trim()
         self.reset()
@@ -136,7 +186,9 @@ class PeakMemory:
         """Peak since :meth:`start` above what was in use then: the stretch's working memory (activations,
         gradients, temporaries)."""
         peak = self.peak_mb()
-        return None if peak is None else max(peak - self.at_start, 0.0)
+        if peak is None or not self.resettable:  # a lifetime peak says nothing of this stretch
+            return None
+        return max(peak - self.at_start, 0.0)
 
     def reset(self) -> None:
         if self.device.type == "cuda":
@@ -197,28 +249,34 @@ class IterationClock(pl.Callback):
         self.peak = self.memory.increase_mb()
 
 
+#: iterations whose FLOPs are averaged (after a first one): methods draw random branches (DACS's blur, jitter)
+FLOP_ITERATIONS = 4
+
+
 class CountFlops(pl.Callback):
-    """FLOPs of one whole training iteration (the second of the fit: after the first's lazy set-up)."""
+    """FLOPs per training iteration, averaged over :data:`FLOP_ITERATIONS` whole iterations (from the end of
+    the first to the end of the last: batch transfer, the method's batch transform, forward, backward, steps)."""
 
     def __init__(self):
         self.counter: FlopCounterMode | None = None
         self.flops = 0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == 1:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
             self.counter = FlopCounterMode(display=False)
             self.counter.__enter__()
+        elif batch_idx == FLOP_ITERATIONS:
+            self.close()
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def close(self) -> None:
         if self.counter is not None:
             self.counter.__exit__(None, None, None)
-            self.flops = int(self.counter.get_total_flops())
+            self.flops = int(self.counter.get_total_flops()) // FLOP_ITERATIONS
             self.counter = None
 
 
-def _tensor_mb(tensors: list[torch.Tensor], optimizers: list) -> float:
-    state = [v for opt in optimizers for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in [*tensors, *state]) / 2**20
+def _tensor_mb(module: torch.nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]) / 2**20
 
 
 # -- rows -------------------------------------------------------------------------------------------
@@ -229,8 +287,9 @@ def _timed_intervals(stamps: list[float]) -> list[float]:
 
 
 class MethodRow:
-    """One method fitted by Lightning for a few iterations at a time, keeping its weights and optimizer
-    state from round to round."""
+    """One method fitted by Lightning for a few iterations at a time: its networks keep their weights from
+    round to round; each round is a new ``Trainer`` fit, so its optimizers, schedules (and DACS's EMA
+    weight) restart, as the plain loop's do."""
 
     variant = "lightning"
 
@@ -240,11 +299,17 @@ class MethodRow:
         self.name, self.device, self.precision, self.root = name, device, precision, root
         self.cfg = cfg
         self.segmenter = has_segmenter(cfg)
-        net = hydra.utils.instantiate(cfg.model, pretrained=False) if self.segmenter else None
+        net = build_net(cfg, device) if self.segmenter else None
         adaptation = OmegaConf.to_container(cfg.adaptation, resolve=True)
         adaptation.update({k: v for k, v in QUIET.items() if k in adaptation})
+        optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+        scale = float(cfg.bench.get("lr_scale", 1.0))
+        for conf in (adaptation, optimizer):  # the segmenter's and the method's own rates (d_lr, CycleGAN's lr)
+            for key, value in conf.items():
+                if (key == "lr" or key.endswith("_lr")) and isinstance(value, (int, float)):
+                    conf[key] = value * scale
         try:
-            self.module = hydra.utils.instantiate(adaptation, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer))
+            self.module = hydra.utils.instantiate(adaptation, net=net, optimizer=hydra.utils.instantiate(optimizer))
         except Exception as err:  # noqa: BLE001 -- one line naming the method
             raise ConfigValueError(f"bench.methods: {name}: could not be built: {err}") from err
         self.params = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
@@ -260,12 +325,13 @@ class MethodRow:
             precision = {"plugins": [MixedPrecision("16-mixed", "cpu")]}
         else:
             precision = {"precision": LIGHTNING_PRECISION[self.precision]}
-        trainer = pl.Trainer(accelerator="gpu" if self.device.type == "cuda" else "cpu", devices=1,
+        trainer = pl.Trainer(accelerator="gpu" if self.device.type == "cuda" else "cpu",
+                             devices=[self.device.index or 0] if self.device.type == "cuda" else 1,
                              **precision, max_steps=iterations, max_epochs=-1,
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                              default_root_dir=self.root, callbacks=callbacks, log_every_n_steps=10**9)
-        loader = synthetic_loader(b, self.cfg.data.num_classes, iterations, self.module.uses_target_images)
+        loader = synthetic_loader(b, self.cfg.data.num_classes, iterations, self.module)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*(does not have many workers|has `shuffle=True`|"
                                     "Trying to infer the `batch_size`|no `val_dataloader`|exceeds the|"
@@ -279,13 +345,15 @@ class MethodRow:
                     "for model=deeplabv2_r101 as its experiments do") from err
 
     def state_mb(self) -> float:
-        """Weights, buffers and optimizer state of every network the method trains."""
-        trainer = self.module._trainer
-        return _tensor_mb([*self.module.parameters(), *self.module.buffers()], trainer.optimizers if trainer else [])
+        """Weights and buffers of every network of the method (optimizer state is made in each round)."""
+        return _tensor_mb(self.module)
 
     def count_flops(self) -> int:
         counter = CountFlops()
-        self._fit(2, [counter])
+        try:
+            self._fit(FLOP_ITERATIONS + 1, [counter])
+        finally:
+            counter.close()
         return counter.flops
 
     def run_round(self, timed: int, memory: PeakMemory) -> None:
@@ -309,11 +377,14 @@ class PlainLoopRow:
 
         self.cfg, self.device, self.precision = source_only.cfg, source_only.device, source_only.precision
         ref = source_only.module
-        self.net = hydra.utils.instantiate(self.cfg.model, pretrained=False).to(self.device)
+        self.net = build_net(self.cfg, self.device)
         self.channels_last = bool(ref.hparams.channels_last)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.net.train()
+        compile_options = ref.hparams.get("compile")
+        if compile_options:  # as rtda's rows compile theirs: vs_plain compares like with like
+            self.net.compile(**(dict(compile_options) if isinstance(compile_options, dict) else {}))
         self.normalize = normalize
         self.params = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
         weights = getattr(self.net, "aux_weights", {})
@@ -329,26 +400,33 @@ class PlainLoopRow:
             return loss
 
         self.loss_fn = loss_fn
-        lr = ref.optimizer_factory.keywords["lr"]
+        lr = ref.optimizer_factory.keywords.get("lr")
         mult = ref.hparams.head_lr_mult if ref.hparams.head_lr_mult is not None else getattr(self.net, "head_lr_mult", 1.0)
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
         if mult != 1.0 and hasattr(self.net, "backbone_parameters"):
             backbone = {id(p) for p in self.net.backbone_parameters()}
-            groups = [{"params": [p for p in self.net.parameters() if id(p) in backbone], "lr": lr},
-                      {"params": [p for p in self.net.parameters() if id(p) not in backbone], "lr": lr * mult}]
+            self.groups = [{"params": [p for p in trainable if id(p) in backbone], "lr": lr},
+                           {"params": [p for p in trainable if id(p) not in backbone], "lr": lr * mult}]
         else:
-            groups = [{"params": list(self.net.parameters()), "lr": lr}]
-        self.optimizer = ref.optimizer_factory(params=groups)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, poly_lambda(10**6, ref.hparams.poly_power))
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+            self.groups = [{"params": trainable, "lr": lr}]
+        self.make_optimizer = lambda: ref.optimizer_factory(params=self.groups)
+        self.poly = poly_lambda(10**6, ref.hparams.poly_power)
+        self.new_optimizer()
         self.times: list[float] = []
         self.peaks: list[float] = []
+
+    def new_optimizer(self) -> None:
+        """A fresh optimizer, schedule and scaler: what each round's Lightning fit makes for its rows."""
+        self.optimizer = self.make_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.poly)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def _autocast(self):
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def _loop(self, iterations: int, before: Callable[[int], None], after: Callable[[], None]) -> None:
-        loader = synthetic_loader(self.cfg.bench, self.cfg.data.num_classes, iterations, target=False)
+        loader = synthetic_loader(self.cfg.bench, self.cfg.data.num_classes, iterations)
         for i, batch in enumerate(loader):
             before(i)
             source = batch["source"]
@@ -374,16 +452,26 @@ class PlainLoopRow:
 
     def count_flops(self) -> int:
         counter = FlopCounterMode(display=False)
+        entered = []
 
-        def before(i):
+        def before(i):  # iteration i starts: iteration i - 1 has ended
             if i == 1:
                 counter.__enter__()
+                entered.append(True)
+            elif i == FLOP_ITERATIONS + 1 and entered:
+                counter.__exit__(None, None, None)
+                entered.clear()
 
-        self._loop(2, before, lambda: counter.__exit__(None, None, None))
-        return int(counter.get_total_flops())
+        try:
+            self._loop(FLOP_ITERATIONS + 2, before, lambda: None)
+        finally:
+            if entered:
+                counter.__exit__(None, None, None)
+        return int(counter.get_total_flops()) // FLOP_ITERATIONS
 
     def run_round(self, timed: int, memory: PeakMemory) -> None:
         stamps: list[float] = []
+        self.new_optimizer()
 
         def before(i):
             _sync(self.device)
@@ -397,30 +485,51 @@ class PlainLoopRow:
 
         self._loop(timed + 2, before, after)
         self.times += _timed_intervals(stamps)
-        self.peaks.append(memory.increase_mb())
+        peak = memory.increase_mb()
+        if peak is not None:
+            self.peaks.append(peak)
 
     def state_mb(self) -> float:
-        return _tensor_mb([*self.net.parameters(), *self.net.buffers()], [self.optimizer])
+        return _tensor_mb(self.net)
 
 
 # -- the benchmark ----------------------------------------------------------------------------------
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def method_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     """``bench.methods`` (adaptation config names; null: the run's own ``adaptation=``), source-only first
-    whatever the list (the ratios are to it), each composed with this run's other overrides."""
+    whatever the list (the ratios are to it), each composed with this run's other overrides. An
+    ``adaptation.<key>=…`` override applies to the methods that have the key and must fit at least one:
+    ``+adaptation.switch_to_entropy=0`` sets FDA's rows only (``+`` because the run's own ``adaptation=``,
+    source-only by default, lacks the key)."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
+
+    from rtda.errors import one_line
 
     methods = cfg.bench.get("methods") or [HydraConfig.get().runtime.choices.get("adaptation", "source_only")]
     names = [str(m) for m in ([methods] if isinstance(methods, str) else methods)]
     names = ["source_only", *[n for n in dict.fromkeys(names) if n != "source_only"]]
-    overrides = [o for o in HydraConfig.get().overrides.task
-                 if not o.lstrip("+~").startswith(("adaptation=", "bench.methods="))]
-    out = {}
+    task = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(("adaptation=", "bench.methods="))]
+    specific = [o for o in task if o.lstrip("+~").startswith("adaptation.")]
+    generic = [o for o in task if o not in specific]
+    out, used = {}, set()
     for name in names:
         try:
-            out[name] = compose(config_name="bench", overrides=[*overrides, f"adaptation={name}"])
+            base = compose(config_name="bench", overrides=[*generic, f"adaptation={name}"])
+            mine = [o for o in specific if OmegaConf.select(base, _key(o), default=None) is not None]
+            used.update(mine)
+            forced = ["++" + o.lstrip("+") for o in mine]  # set, whether or not the primary config needed '+'
+            out[name] = compose(config_name="bench", overrides=[*generic, f"adaptation={name}", *forced]) if mine else base
+            with open_dict(out[name]):
+                out[name].bench.overrides = [o.lstrip("+") for o in mine]
         except Exception as err:  # noqa: BLE001 -- Hydra lists the choices
-            raise ConfigValueError(f"bench.methods: {name}: {str(err).splitlines()[0]}") from err
+            raise ConfigValueError(f"bench.methods: {name}: {one_line(err)}") from err
+    unused = [o for o in specific if o not in used]
+    if unused:
+        raise ConfigValueError(f"{unused[0]}: no method of bench.methods={names} has this key")
     return out
 
 
@@ -440,6 +549,11 @@ def train_benchmark(cfg: DictConfig) -> list[dict]:
     timed = int(b.train_iterations)
     if timed < 1:
         raise ConfigValueError(f"bench.train_iterations={timed}: expected at least 1 timed iteration per round")
+    if int(b.min_rounds) < 1 or int(b.max_rounds) < int(b.min_rounds):
+        raise ConfigValueError(f"bench.min_rounds={b.min_rounds}, bench.max_rounds={b.max_rounds}: expected "
+                               "1 <= min_rounds <= max_rounds")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as trainer=gpu runs
     configs = method_configs(cfg)
     pl.seed_everything(0, verbose=False)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -468,18 +582,19 @@ def _rows(rows: list, flops: dict, cfg: DictConfig, memory: PeakMemory, rounds: 
     for row in rows:
         times = np.asarray(row.times)
         median = float(np.median(times))
-        note = []
+        note = [" ".join(getattr(row.cfg.bench, "overrides", None) or [])] if row.variant == "lightning" else []
         if not row.segmenter:
             note.append("no segmenter: its own networks only")
-        if not memory.resettable and b.device == "cpu":
-            note.append("peak RSS of the whole process")
+        if not memory.resettable and torch.device(b.device).type == "cpu":
+            note.append("no peak memory: /proc/self/clear_refs not writable")
         out.append({
             "method": row.name, "variant": row.variant, "model": model if row.segmenter else "-",
             "device": b.device, "precision": b.precision, "input": f"{b.train_batch_size}x3x{b.height}x{b.width}",
             "params_M": row.params / 1e6, "GFLOPs_per_it": flops[id(row)] / 1e9,
-            "median_s": median, "p90_s": float(np.percentile(times, 90)), "images_per_s": b.train_batch_size / median,
+            "median_s": median, "mean_s": float(times.mean()), "p90_s": float(np.percentile(times, 90)),
+            "images_per_s": b.train_batch_size / median,  # source images (a method reading the target uses as many again)
             "peak_mem_MB": (max(row.peaks) + row.state_mb()) if row.peaks else None, "iterations": len(times), "rounds": rounds,
-            "note": "; ".join(note),
+            "note": "; ".join(n for n in note if n),
         })
     ref = next((r for r in out if r["method"] == "source_only" and r["variant"] == "lightning"), None)
     plain = next((r for r in out if r["variant"] == "plain"), None)

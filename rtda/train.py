@@ -139,17 +139,18 @@ def method_strategy(strategy, module) -> dict:
 
 
 def supported_precision(trainer_cfg: DictConfig) -> dict:
-    """``{"precision": "16-mixed"}`` when the config asks for bfloat16 on a GPU that lacks it (before Ampere:
-    autocast would run it emulated, slowly), with a warning; else ``{}``."""
+    """``{"precision": "16-mixed"}`` (float16 with a gradient scaler) when the config asks for ``bf16-mixed``
+    on a GPU that lacks bfloat16 (before Ampere: it would run emulated, slowly), with a warning; else ``{}``."""
     precision = str(trainer_cfg.get("precision", ""))
     if not precision.startswith("bf16") or trainer_cfg.get("accelerator") not in ("gpu", "cuda", "auto"):
         return {}
     import torch
 
     if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
-        log.warning("trainer.precision=%s: %s has no bfloat16; training in 16-mixed (float16 with a gradient "
-                    "scaler) instead", precision, torch.cuda.get_device_name())
-        return {"precision": "16-mixed"}
+        fallback = "16-mixed" if precision.endswith("mixed") else "16-true"
+        log.warning("trainer.precision=%s: %s has no bfloat16; training in %s instead", precision,
+                    torch.cuda.get_device_name(), fallback)
+        return {"precision": fallback}
     return {}
 
 

@@ -166,6 +166,21 @@ def test_strong_augmentation_and_mic_masks():
     assert abs(1 - big.mean().item() - 0.7) < 0.03  # 70 % masked
 
 
+def test_separable_blur_equals_torchvisions_2d_kernel():
+    from torchvision.transforms.v2 import functional as TF
+
+    from rtda.adaptation.dacs import blur_kernel_size, gaussian_blur
+
+    images = torch.rand(2, 3, 40, 72) * 255
+    sigma = [0.15, 1.1]
+    ky, kx = blur_kernel_size(40), blur_kernel_size(72)
+    assert (ky, kx) == (3, 7)
+    reference = torch.cat([TF.gaussian_blur(images[i:i + 1], kernel_size=[kx, ky], sigma=[s, s]) for i, s in enumerate(sigma)])
+    blurred = gaussian_blur(images, sigma)
+    torch.testing.assert_close(blurred, reference, atol=1e-3, rtol=1e-5)
+    assert not torch.allclose(blurred[1], images[1], atol=1.0)  # sigma 1.1 does blur
+
+
 def test_feature_distance_pieces():
     label = torch.full((1, 8, 8), 255)
     label[0, :4, :4] = 13                 # car: a whole cell

@@ -100,6 +100,8 @@ class SegmentationModule(pl.LightningModule):
     """
 
     uses_target_images: bool = False
+    #: True for a method training on (pseudo-)labelled target images (FDA's self-training round)
+    uses_target_labels: bool = False
     #: False for a method that trains no segmentation network (CycleGAN's translator): rtda-train then builds
     #: nothing from the ``model`` group, runs no validation or test, and checkpoints without a monitor
     has_segmenter: bool = True

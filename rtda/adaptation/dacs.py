@@ -226,13 +226,29 @@ def blur_kernel_size(side: int) -> int:
     return max(int(math.floor(c - 0.5 + c % 2)), 1)
 
 
-def gaussian_blur(images: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
-    """Each image of ``N×C×H×W`` blurred with its own σ (reflect padding), kernel from :func:`blur_kernel_size`."""
-    from torchvision.transforms.v2 import functional as TF
+def _gaussian_kernel1d(size: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
+    """torchvision's 1-D Gaussian: ``exp(-x²/2σ²)`` on ``size`` points centred on 0, normalised to sum 1."""
+    x = torch.linspace(-(size // 2), size // 2, size, dtype=torch.float32, device=like.device)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (pdf / pdf.sum()).to(like.dtype)
 
+
+def gaussian_blur(images: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
+    """Each image of ``N×C×H×W`` blurred with its own σ (reflect padding), kernel from :func:`blur_kernel_size`.
+
+    The same blur as torchvision's ``gaussian_blur`` (the authors' kornia/torchvision 2-D kernel, the outer product
+    of two 1-D ones), run as two 1-D passes: reflect padding acts on each axis on its own, so the result is equal
+    up to float rounding, at ``kx + ky`` instead of ``kx · ky`` multiply-adds a pixel (~10x faster at 512x1024,
+    where the kernel is 51x103)."""
     ky, kx = blur_kernel_size(images.shape[-2]), blur_kernel_size(images.shape[-1])
-    return torch.cat([TF.gaussian_blur(images[i:i + 1], kernel_size=[kx, ky], sigma=[float(s), float(s)])
-                      for i, s in enumerate(sigma)])
+    c, out = images.shape[1], []
+    for i, s in enumerate(sigma):
+        x = images[i:i + 1]
+        gx = _gaussian_kernel1d(kx, float(s), x).view(1, 1, 1, kx).expand(c, 1, 1, kx)
+        gy = _gaussian_kernel1d(ky, float(s), x).view(1, 1, ky, 1).expand(c, 1, ky, 1)
+        x = F.conv2d(F.pad(x, [kx // 2, kx // 2, 0, 0], mode="reflect"), gx, groups=c)
+        out.append(F.conv2d(F.pad(x, [0, 0, ky // 2, ky // 2], mode="reflect"), gy, groups=c))
+    return torch.cat(out)
 
 
 def strong_augment(images: torch.Tensor, jitter_strength: float = 0.25, jitter_p: float = 0.2, blur: bool = True,

@@ -175,6 +175,8 @@ class FDASelfTrainingModule(FDAModule):
     The target dataset must carry labels: ``data.target.label_root=<folder written by rtda-eval
     pseudo_labels.out=…>``."""
 
+    uses_target_labels = True
+
     def __init__(self, *args, switch_to_entropy: int = -1, **kwargs):
         super().__init__(*args, switch_to_entropy=switch_to_entropy, **kwargs)
 

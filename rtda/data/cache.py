@@ -53,24 +53,32 @@ def resize_pair(image: np.ndarray, label: np.ndarray | None, size) -> tuple[np.n
 
 
 def _copy_one(job: tuple) -> None:
-    """Resize and write one image (and its label, in the label file's own mode and palette)."""
-    image_path, image_out, label_path, label_out, size = job
-    with Image.open(image_path) as img:
-        image = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
-    label, mode, palette = None, None, None
-    if label_path is not None:
-        with Image.open(label_path) as lab:
-            mode, palette = lab.mode, lab.getpalette() if lab.mode == "P" else None
-            label = np.asarray(lab)
+    """Resize and write one image (and its label, in the label file's own mode and palette) as PNG."""
+    image_path, image_out, label_path, label_out, size, allow_resize = job
+    try:
+        with Image.open(image_path) as img:
+            image = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+        label, mode, palette = None, None, None
+        if label_path is not None:
+            with Image.open(label_path) as lab:
+                mode, palette = lab.mode, lab.getpalette() if lab.mode == "P" else None
+                if lab.size != (image.shape[1], image.shape[0]):
+                    if not allow_resize:
+                        raise ValueError(f"label {label_path} is {lab.size[0]}x{lab.size[1]}, its image is "
+                                         f"{image.shape[1]}x{image.shape[0]}")
+                    lab = lab.resize((image.shape[1], image.shape[0]), Image.NEAREST)  # as the reader does first
+                label = np.asarray(lab)
+    except (OSError, SyntaxError, ValueError) as err:  # one line naming the file, from a worker process too
+        raise RtdaError(f"cannot cache {image_path}: {err}") from None
     image, label = resize_pair(image, label, size)
     Path(image_out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(image_out, compress_level=1)
+    Image.fromarray(image).save(image_out, format="PNG", compress_level=1)  # lossless whatever the name says
     if label is not None:
         out = Image.fromarray(label, mode=mode if mode in ("P", "L") else None)
         if palette is not None:
             out.putpalette(palette)
         Path(label_out).parent.mkdir(parents=True, exist_ok=True)
-        out.save(label_out, compress_level=1)
+        out.save(label_out, format="PNG", compress_level=1)
 
 
 def _jobs(dataset, out_root: Path, size) -> list[tuple]:
@@ -78,8 +86,9 @@ def _jobs(dataset, out_root: Path, size) -> list[tuple]:
     root = Path(dataset.root)
     label_root = Path(getattr(dataset, "label_root", root))
     labels = dataset.label_paths or [None] * len(dataset.image_paths)
+    allow_resize = bool(getattr(dataset, "allow_resize", False))
     return [(str(im), str(out_root / Path(im).relative_to(root)), None if lb is None else str(lb),
-             None if lb is None else str(out_root / Path(lb).relative_to(label_root)), tuple(size))
+             None if lb is None else str(out_root / Path(lb).relative_to(label_root)), tuple(size), allow_resize)
             for im, lb in zip(dataset.image_paths, labels)]
 
 
@@ -89,8 +98,10 @@ def cache_dataset(dataset, out_root: str | Path, size, workers: int = 1) -> bool
     from rtda.io import build_once
 
     out_root = Path(out_root)
+    label_root = getattr(dataset, "label_root", None)
     stamp = {"version": CACHE_VERSION, "source": str(Path(dataset.root).resolve()), "size": list(size),
              "files": len(dataset.image_paths), "labels": dataset.label_paths is not None,
+             "label_root": str(Path(label_root).resolve()) if label_root is not None else None,
              "split": getattr(dataset, "split", None)}
 
     def is_complete(folder: Path) -> bool:
@@ -117,6 +128,13 @@ def cache_dataset(dataset, out_root: str | Path, size, workers: int = 1) -> bool
     return build_once(out_root, is_complete, build)
 
 
+def split_folder(dataset, split: str) -> str:
+    """The copy's folder under ``out``: the dataset's own folder name (``gta5``, ``cityscapes``), or the split's
+    when that name says nothing (two roots both named ``data``)."""
+    name = Path(dataset.root).resolve().name
+    return name if name.lower() in ("gta5", "cityscapes") else split
+
+
 def cache_training_sets(out: str | Path, overrides: list[str], workers: int = 1) -> dict[str, Path]:
     """The data config's training sets (``source``; ``target``'s train split), each copied to ``out/<name>``
     at its ``data.<split>_size``. Returns the roots to train from."""
@@ -138,8 +156,7 @@ def cache_training_sets(out: str | Path, overrides: list[str], workers: int = 1)
         if size is None:
             raise RtdaError(f"data.{split}_size is null: the training images are not resized, nothing to cache")
         dataset = datamodule.factories[split](transform=None)
-        name = Path(dataset.root).name
-        roots[split] = Path(out) / name
+        roots[split] = (Path(out) / split_folder(dataset, split)).resolve()
         cache_dataset(dataset, roots[split], size, workers)
         with Image.open(dataset.image_paths[0]) as img:
             ratio = size[0] * size[1] / (img.size[0] * img.size[1])
@@ -151,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rtda.data.cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder for the copies (one sub-folder per dataset)")
     parser.add_argument("overrides", nargs="*", help="rtda-train overrides choosing the data (default data=gta5_to_cityscapes)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing (default: every core)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="processes writing (default: every core this process may use)")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if not any(o.startswith("data=") for o in overrides):
