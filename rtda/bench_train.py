@@ -296,6 +296,8 @@ class MethodRow:
     def __init__(self, name: str, cfg: DictConfig, device: torch.device, precision: str, root: str):
         from rtda.train import has_segmenter
 
+        for noisy in ("pytorch_lightning", "lightning.pytorch"):  # a Trainer per round: its banner each time
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         self.name, self.device, self.precision, self.root = name, device, precision, root
         self.cfg = cfg
         self.segmenter = has_segmenter(cfg)
@@ -556,8 +558,6 @@ def train_benchmark(cfg: DictConfig) -> list[dict]:
         torch.backends.cudnn.benchmark = True  # as trainer=gpu runs
     configs = method_configs(cfg)
     pl.seed_everything(0, verbose=False)
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     root = tempfile.mkdtemp(prefix="rtda-bench-train-")
     rows: list = [MethodRow(name, c, device, b.precision, root) for name, c in configs.items()]
     if b.plain_loop:
