@@ -306,40 +306,17 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> None:
 
 
 def plot_per_class(rows: Sequence[dict], path: str | Path | None = None, title: str | None = None):
-    """Grouped bar chart of per-class IoU (%), one bar colour per group, std over runs as error bars.
-
-    Saves a PNG when ``path`` is given; returns the matplotlib Figure (for notebooks)."""
-    import matplotlib
-
-    if path is not None and matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    """Grouped bar chart of per-class IoU (%), one bar colour per group, std over runs as error bars
+    (:func:`rtda.viz.iou_bars`). Saves a PNG when ``path`` is given; returns the matplotlib Figure (for notebooks)."""
+    from rtda.viz import iou_bars
 
     names = class_names(rows)
     if not rows or not names:
         raise RtdaError("nothing to plot: no completed run with per-class IoU")
-    width = 0.8 / len(rows)
-    x = np.arange(len(names) + 1)
-    fig, ax = plt.subplots(figsize=(max(10, 0.55 * len(x) * max(1, len(rows) ** 0.5)), 4.5))
-    for i, row in enumerate(rows):
-        means = [row["mIoU"], *(row[f"IoU/{n}"] for n in names)]
-        stds = [row["mIoU_std"], *(row[f"IoU_std/{n}"] for n in names)]
-        heights = [np.nan if v is None else v for v in means]
-        errors = [0.0 if s is None else s for s in stds]
-        ax.bar(x + (i - (len(rows) - 1) / 2) * width, heights, width, yerr=errors if any(errors) else None,
-               capsize=2, label=f"{row['group']} (n={row['runs']})")
-    ax.set_xticks(x, ["mIoU", *names], rotation=45, ha="right")
-    ax.set_ylabel("IoU (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title or "target test IoU per class (mean over runs)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper right")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    label = {id(row): f"{row['group']} (n={row['runs']})" for row in rows}
+    ious = {label[id(r)]: {"mIoU": r["mIoU"], **{n: r[f"IoU/{n}"] for n in names}} for r in rows}
+    stds = {label[id(r)]: {"mIoU": r["mIoU_std"], **{n: r[f"IoU_std/{n}"] for n in names}} for r in rows}
+    return iou_bars(ious, names, errors=stds, path=path, title=title or "target test IoU per class (mean over runs)")
 
 
 def compare(paths: Sequence[str | Path], out: str | Path | None = None, ignore: Sequence[str] = (),
