@@ -8,11 +8,16 @@ transfer, so batch-level operations that need raw pixels (FDA's spectrum swap, m
 batch crosses to the GPU at a quarter of the float32 size. For evaluation, ``resize_label=False`` keeps the label at its full resolution: the network
 predicts at the training resolution and the logits are upsampled to the label (the protocol of the
 AdaptSegNet / ADVENT / FDA evaluation scripts).
+
+Random augmentation draws from the pipeline's own generators (albumentations 2 seeds them from OS entropy
+at construction, not from ``seed_everything``): :meth:`SegmentationTransform.reseed` makes the next call a
+pure function of a seed; the training loaders call it with a seed per sample (:mod:`rtda.data.samplers`).
 """
 
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Mapping, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -43,6 +48,26 @@ class SegmentationTransform:
         self.resize = A.Resize(*self.size) if self.size is not None else None
         self.pipeline = A.Compose(([self.resize] if self.resize is not None else []) + steps)
         self.pipeline_at_size = A.Compose(steps)
+
+    def reseed(self, seed: int) -> None:
+        """Make the random draws of the next calls a pure function of ``seed`` (a non-negative int).
+
+        Both pipelines (they share the augmentation steps) get one NumPy and one Python generator seeded with
+        ``seed``, shared by all their steps (albumentations' ``set_random_state``; its ``set_random_seed``
+        would give every step an identically seeded generator of its own, so that, e.g., the flip decision
+        and the scale factor came from the same number). An albumentations without per-pipeline generators
+        draws from the global ``random`` and ``np.random``: those are seeded instead.
+        """
+        seed = int(seed)
+        rng, py_random = np.random.default_rng(seed), random.Random(seed)
+        for pipeline in (self.pipeline, self.pipeline_at_size):
+            if hasattr(pipeline, "set_random_state"):
+                pipeline.set_random_state(rng, py_random)
+            elif hasattr(pipeline, "set_random_seed"):
+                pipeline.set_random_seed(seed)
+            else:
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None = None) -> dict:
         at_size = self.size is None or (image.shape[:2] == self.size and (label is None or label.shape[:2] == self.size))
