@@ -89,3 +89,34 @@ def check_checkpoint_fits(path: str | Path, module: nn.Module) -> None:
         if tuple(theirs[key].shape) != tuple(tensor.shape):
             raise CheckpointError(f"ckpt_path={path} does not fit this run ({what}): {key} is "
                                   f"{tuple(theirs[key].shape)} in the checkpoint, {tuple(tensor.shape)} here")
+
+
+def _checkpoint_io_base():
+    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    return TorchCheckpointIO
+
+
+class AtomicCheckpointIO(_checkpoint_io_base()):
+    """Lightning's checkpoint writer, made whole-or-nothing on a local disk: ``torch.save`` into a temporary file
+    beside the checkpoint, renamed over it once complete (:func:`rtda.io.atomic_write`). A full disk leaves no
+    partial file in ``checkpoints/`` (``ckpt_path=auto`` would otherwise find a truncated ``last.ckpt``) and stops
+    the run with one line naming the folder, instead of a traceback. Remote paths (``s3://``…) go to Lightning's
+    own writer."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        from rtda.errors import disk_full_error, no_space_left
+        from rtda.io import atomic_write
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+            cause = err if isinstance(err, OSError) else err.__cause__ or err.__context__
+            if no_space_left(cause) or "No space left" in str(err) or "quota" in str(err).lower():
+                raise disk_full_error(cause if isinstance(cause, OSError) else OSError(28, "No space left on device"),
+                                      f"{path.parent} (checkpoint {path.name})") from None
+            raise

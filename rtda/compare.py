@@ -38,11 +38,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from rtda.errors import RtdaError, run_cli
+from rtda.results import NOT_EXPERIMENT_KEYS as NOT_RUN_KEYS
 
 #: override keys (and prefixes, ending in ".") that do not change what a run measures: never grouped on
-NOT_EXPERIMENT_KEYS = ("seed", "hydra.", "paths.", "ckpt_path", "run_name", "logger", "logger.", "callbacks.",
-                       "data.num_workers", "data.pin_memory", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
-                       "trainer.enable_model_summary", "tags", "task_name")
+NOT_EXPERIMENT_KEYS = ("seed", *NOT_RUN_KEYS)
 #: config groups whose choice does not change what a run measures
 NOT_EXPERIMENT_GROUPS = ("paths", "logger", "callbacks", "hydra", "debug")
 #: the groups shown first in a label, in this order

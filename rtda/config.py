@@ -113,10 +113,16 @@ def cpus_per_task(num_workers) -> int:
     return 2 * int(num_workers or 0) + 1
 
 
+def mem_per_cpu(mem_gb, mem_per_gpu, default) -> str | None:
+    """``--mem-per-cpu`` of a SLURM job: ``default`` unless the user asked for memory another way (sbatch refuses
+    two memory options)."""
+    return None if mem_gb is not None or mem_per_gpu is not None else str(default)
+
+
 def register_resolvers() -> None:
     for name, fn in (("rtda.run_name", run_name), ("rtda.job_dirname", job_dirname), ("rtda.device_count", _device_count),
                      ("rtda.tasks_per_node", tasks_per_node), ("rtda.gpus_per_node", gpus_per_node),
-                     ("rtda.cpus_per_task", cpus_per_task)):
+                     ("rtda.cpus_per_task", cpus_per_task), ("rtda.mem_per_cpu", mem_per_cpu)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
@@ -150,6 +156,17 @@ def overrides() -> list[str]:
         return list(HydraConfig.get().overrides.task)
     except ValueError:
         return []
+
+
+def in_multirun() -> bool:
+    """Whether this is a job of a ``-m`` sweep (inside the sweep's process, a joblib worker or a SLURM job)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
 
 
 def describe(cfg: DictConfig) -> str:

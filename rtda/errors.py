@@ -38,6 +38,46 @@ class TrainingDiverged(RtdaError):
     """A loss or a weight became NaN or infinite: the run stops at once, marked failed."""
 
 
+class RunFolderInUse(RtdaError):
+    """Another live process holds the run folder (two runs started with the same ``run_name``)."""
+
+
+class DiskFull(OutputNotWritable):
+    """A write failed for lack of space (or quota); nothing partial is left behind."""
+
+
+class RunInterrupted(SystemExit):
+    """The job was told to stop (SIGTERM, a requeue signal) and stopped at an iteration boundary, saved.
+
+    A ``SystemExit`` (status 143, as a process ended by SIGTERM): it must end the process as submitit's own
+    requeue exit does — neither Hydra (which records an ``Exception`` as a failed job and returns it to the
+    login node, which would then stop waiting for the requeued job) nor a local sweep catches it."""
+
+    def __init__(self, message: str, iteration: int | None = None, checkpoint: str | None = None,
+                 requeue: Callable[[], bool] | None = None):
+        super().__init__(143)
+        self.message, self.iteration, self.checkpoint = message, iteration, checkpoint
+        self.requeue = requeue  # called last, once the run's record is written: SLURM ends the job right after it
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def no_space_left(err: BaseException) -> bool:
+    import errno
+
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(err: OSError, what: str | None = None) -> DiskFull:
+    """``err`` (ENOSPC / EDQUOT) as one line naming the folder that could not take the file."""
+    import os
+
+    where = what or (os.path.dirname(os.path.abspath(err.filename)) if err.filename else "the output folder")
+    return DiskFull(f"no space left on the device of {where} ({err.strerror or err}); free some space and run the "
+                    "same command again: it resumes from the last whole checkpoint")
+
+
 class DecodeError(OSError):
     """An image or label file that cannot be decoded (truncated, corrupt, not an image)."""
 
@@ -91,9 +131,9 @@ def one_line(err: BaseException) -> str:
     return "; ".join(lines)
 
 
-def log_to_files(message: str) -> None:
-    """Append an error to the run's log files (``train.log``) without printing it twice on the console."""
-    record = logging.LogRecord("rtda", logging.ERROR, __file__, 0, message, None, None)
+def log_to_files(message: str, level: int = logging.ERROR) -> None:
+    """Append a line to the run's log files (``train.log``) without printing it twice on the console."""
+    record = logging.LogRecord("rtda", level, __file__, 0, message, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
@@ -109,9 +149,12 @@ def _rank_prefix() -> str:
 
 
 def report(err: BaseException) -> None:
-    if _rank_prefix() and isinstance(err, TrainingDiverged):
+    if _rank_prefix() and isinstance(err, (TrainingDiverged, RunInterrupted)):
         return  # every rank stops together (the flag is reduced): rank 0 reports it
-    print(f"rtda: error{_rank_prefix()}: {one_line(err)}", file=sys.stderr, flush=True)
+    if no_space_left(err):
+        err = disk_full_error(err)
+    kind = "interrupted" if isinstance(err, RunInterrupted) else "error"
+    print(f"rtda: {kind}{_rank_prefix()}: {one_line(err)}", file=sys.stderr, flush=True)
 
 
 def exit_on_user_error(task: Callable) -> Callable:
@@ -126,6 +169,13 @@ def exit_on_user_error(task: Callable) -> Callable:
         except user_error_types() as err:
             if full_error_requested() or _in_multirun():
                 raise
+            report(err)
+            raise SystemExit(1) from None
+        except OSError as err:
+            if not no_space_left(err) or full_error_requested():
+                raise
+            if _in_multirun():
+                raise disk_full_error(err) from err
             report(err)
             raise SystemExit(1) from None
 
@@ -155,6 +205,11 @@ def run_cli(hydra_main: Callable[[], object]) -> None:
         hydra_main()
     except user_error_types() as err:
         if full:
+            raise
+        report(err)
+        raise SystemExit(1) from None
+    except OSError as err:
+        if full or not no_space_left(err):
             raise
         report(err)
         raise SystemExit(1) from None

@@ -18,7 +18,7 @@ from filelock import FileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from rtda.errors import OutputNotWritable, full_error_requested, report
+from rtda.errors import OutputNotWritable, RunFolderInUse, full_error_requested, report
 
 
 def check_writable(folder: str | Path, what: str) -> Path:
@@ -34,17 +34,105 @@ def check_writable(folder: str | Path, what: str) -> Path:
     return folder
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file that readers see either complete or not at all (a temporary file, then ``os.replace``)."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[object], None], binary: bool = False) -> None:
+    """Write a file that readers see either complete or not at all: ``write(f)`` fills a temporary file beside
+    it, renamed over ``path`` once complete; on any failure (a full disk included) the temporary file is removed
+    and ``path`` is left as it was. The file gets the usual permissions (``0666 & ~umask``: collaborators on a
+    cluster can read it), not ``mkstemp``'s private 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """:func:`atomic_write` of a text."""
+    atomic_write(path, lambda f: f.write(text))
+
+
+#: run folders this process holds (folder -> open lock file), see :func:`lock_run_folder`
+_RUN_LOCKS: dict[str, object] = {}
+#: set for the processes a run starts (DDP ranks, a sweep job's own command): the folder their parent holds
+HELD_FOLDER_ENV = "RTDA_RUN_FOLDER_HELD"
+
+
+def _is_other_rank() -> bool:
+    """A DDP rank other than 0 of a run (Lightning's ranks, SLURM tasks): it works in rank 0's folder."""
+    return any(os.environ.get(k, "0") not in ("", "0") for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def lock_run_folder(folder: str | Path) -> bool:
+    """Hold ``folder`` for this run until the process ends (or :func:`release_run_folder`): a second run started
+    into the same folder while this one lives (``run_name=twin`` twice, a common slip on a cluster) is refused by
+    :class:`RunFolderInUse` naming this process, before it writes anything there. A POSIX record lock on
+    ``folder/.rtda-run.lock``: the kernel drops it when the process dies (SIGKILL, a node lost), so a requeued or
+    resumed job never finds a stale lock; DataLoader workers forked from the run do not inherit it.
+
+    DDP ranks other than 0 and the processes a run starts itself (their environment names the folder) share it.
+    Returns whether this call took the lock."""
+    folder = Path(folder).resolve()
+    key = str(folder)
+    if key in _RUN_LOCKS or _is_other_rank() or os.environ.get(HELD_FOLDER_ENV) == key:
+        return False
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no run-folder locks
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".rtda-run.lock", "a+")  # noqa: SIM115 - held open for the run's lifetime
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunFolderInUse(f"the run folder {folder} is in use by {holder}: wait for that run to end, or give "
+                             "this one another folder (run_name=..., hydra.run.dir=...)") from None
+    import socket
+    from datetime import datetime
+
+    f.seek(0)
+    f.truncate()
+    f.write(f"rtda process {os.getpid()} on {socket.gethostname()} (since "
+            f"{datetime.now().astimezone().isoformat(timespec='seconds')})\n")
+    f.flush()
+    _RUN_LOCKS[key] = f
+    os.environ[HELD_FOLDER_ENV] = key
+    return True
+
+
+def release_run_folder(folder: str | Path) -> None:
+    key = str(Path(folder).resolve())
+    f = _RUN_LOCKS.pop(key, None)
+    if f is not None:
+        f.close()  # closing the file releases the record lock
+    if os.environ.get(HELD_FOLDER_ENV) == key:
+        del os.environ[HELD_FOLDER_ENV]
+
+
+@contextlib.contextmanager
+def holding_run_folder(folder: str | Path):
+    """:func:`lock_run_folder` around one job (a sweep's job in a process that runs several)."""
+    took = lock_run_folder(folder)
+    try:
+        yield
+    finally:
+        if took:
+            release_run_folder(folder)
 
 
 def build_once(root: str | Path, is_complete: Callable[[Path], bool], build: Callable[[Path], None],
@@ -150,23 +238,52 @@ def _exclusive(root: Path):
             fcntl.lockf(f, fcntl.LOCK_UN)
 
 
+def _override_value(text: str) -> str:
+    """``text`` as a quoted Hydra override value (any path: spaces, ``=``, quotes)."""
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+def pin_sweep_folder(config: DictConfig) -> Path:
+    """Fix a ``-m`` sweep's folder at submission: ``hydra.sweep.dir`` resolved once, here, and added to the
+    sweep's Hydra overrides, from which every job recomposes its config. Without it a launcher that runs jobs
+    elsewhere (submitit on SLURM) re-resolves the folder inside each job, where the time stamp and the run-name
+    resolver (``slurm-<job id>`` in a SLURM job) give another one: the jobs landed outside the sweep folder."""
+    from omegaconf import open_dict, read_write
+
+    folder = Path(str(config.hydra.sweep.dir)).absolute()
+    with read_write(config.hydra), open_dict(config.hydra), read_write(config.hydra.overrides):
+        kept = [o for o in config.hydra.overrides.hydra if not str(o).lstrip("+~").startswith("hydra.sweep.dir=")]
+        config.hydra.overrides.hydra = [*kept, f"hydra.sweep.dir={_override_value(str(folder))}"]
+        config.hydra.sweep.dir = str(folder)
+    return folder
+
+
 class CheckRunFolder(Callback):
-    """Hydra callback: the run (or sweep) folder must be writable before Hydra writes its config there;
-    otherwise one ``rtda: error`` line names it and the command exits 1 (Hydra turns a callback's
-    exception into a warning and goes on, so this one exits itself)."""
+    """Hydra callback, before Hydra writes anything into a run or sweep folder: the folder must be writable
+    (else one ``rtda: error`` line names it and the command exits 1 — Hydra turns a callback's exception into a
+    warning and goes on, so this one exits itself); a single run's folder is held against a second live run
+    (:func:`lock_run_folder`); a sweep's folder is fixed for all its jobs (:func:`pin_sweep_folder`)."""
 
     @staticmethod
-    def _check(folder: str, what: str) -> None:
+    def _exit_on(err: Exception) -> None:
+        if full_error_requested():
+            raise SystemExit(str(err)) from err
+        report(err)
+        raise SystemExit(1) from None
+
+    def _check(self, folder: str, what: str) -> None:
         try:
             check_writable(folder, what)
         except OutputNotWritable as err:
-            if full_error_requested():
-                raise SystemExit(str(err)) from err
-            report(err)
-            raise SystemExit(1) from None
+            self._exit_on(err)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         self._check(config.hydra.run.dir, "the run folder")
+        try:
+            lock_run_folder(config.hydra.run.dir)
+        except RunFolderInUse as err:
+            self._exit_on(err)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self._check(config.hydra.sweep.dir, "the sweep folder")
+        pin_sweep_folder(config)

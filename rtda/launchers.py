@@ -89,23 +89,19 @@ def job_resources(cfg: DictConfig, poll_seconds: float = 1.0) -> Iterator[None]:
         lock.release()
 
 
-def requeue_plugins() -> dict:
-    """Trainer arguments that leave exactly one requeue mechanism: in a job of ``hydra/launcher=slurm``
-    submitit requeues (and the job resumes with ``ckpt_path=auto``), so Lightning's SLURM auto-requeue is off.
-    Elsewhere (plain ``sbatch`` + ``srun rtda-train``) Lightning's stays on: ``{}``."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        target = str(HydraConfig.get().launcher.get("_target_", ""))
-    except ValueError:
-        return {}
-    if "submitit" not in target:
-        return {}
+def trainer_plugins() -> dict:
+    """The Trainer's ``plugins``: rtda's whole-or-nothing checkpoint writer, and — inside a SLURM job — Lightning's
+    SLURM environment with its auto-requeue off. Requeueing is left to one mechanism: submitit's in a job of
+    ``hydra/launcher=slurm``, rtda's :class:`rtda.callbacks.GracefulStop` in a plain ``sbatch`` + ``srun`` job
+    (it saves the iteration that ended, where Lightning's handler saved ``hpc_ckpt_N.ckpt`` mid-iteration)."""
     from pytorch_lightning.plugins.environments import SLURMEnvironment
 
-    if not SLURMEnvironment.detect():
-        return {}  # submitit's local executor: no SLURM
-    return {"plugins": [SLURMEnvironment(auto_requeue=False)]}
+    from rtda.checkpoints import AtomicCheckpointIO
+
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return {"plugins": plugins}
 
 
 def sbatch_script(launcher: dict, command: str = "python -u -m submitit.core._submit <folder>") -> str:

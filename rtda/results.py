@@ -1,8 +1,75 @@
-"""The results of a run or an evaluation: what goes into ``results.json`` and the printed summary."""
+"""The results of a run or an evaluation: what goes into ``results.json`` and the printed summary; whether a
+sweep's job already completed."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+
+#: config keys (and prefixes, ending in ".") that do not change what a run measures: where it reads and writes,
+#: how it logs (``rtda-compare`` does not group on them; a sweep job started again may change them)
+NOT_EXPERIMENT_KEYS = ("hydra.", "paths.", "ckpt_path", "run_name", "logger", "logger.", "callbacks", "callbacks.",
+                       "data.num_workers", "data.pin_memory", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
+                       "trainer.enable_model_summary", "trainer.default_root_dir", "tags", "task_name")
+
+
+def is_experiment_key(key: str, ignore=()) -> bool:
+    for pattern in (*NOT_EXPERIMENT_KEYS, *ignore):
+        if key == pattern or (pattern.endswith(".") and key.startswith(pattern)) or key.startswith(pattern + "."):
+            return False
+    return True
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def config_differences(old: dict, new: dict, limit: int = 3) -> list[str]:
+    """``key: old -> new`` for the experiment keys where two resolved configs differ (at most ``limit``, then a count)."""
+    a, b = _flat(old), _flat(new)
+    keys = sorted(k for k in set(a) | set(b) if is_experiment_key(k) and a.get(k, "<unset>") != b.get(k, "<unset>"))
+    out = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys[:limit]]
+    return out + ([f"{len(keys) - limit} more"] if len(keys) > limit else [])
+
+
+def completed_job(cfg) -> dict | None:
+    """A ``-m`` sweep started again with the same ``hydra.sweep.dir``: the ``results.json`` of this job's folder when
+    the job completed there (it is skipped), None when it has to run (a new job, or one interrupted: it resumes from
+    its checkpoints). A folder holding a run of another config (a completed one, or checkpoints to resume from) is
+    refused with the keys that differ: a job never mixes two experiments. Outside a sweep: None."""
+    from omegaconf import OmegaConf
+
+    from rtda.config import in_multirun
+    from rtda.errors import ConfigValueError
+
+    if not in_multirun():
+        return None
+    folder = Path(cfg.paths.output_dir)
+    path = folder / "results.json"
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a new job (or a results.json cut short: the job runs, and resumes from its checkpoints)
+    completed = previous.get("status") == "completed"
+    if completed or any((folder / "checkpoints").glob("*.ckpt")):
+        if previous.get("config") is not None:
+            differences = config_differences(previous["config"], OmegaConf.to_container(cfg, resolve=True))
+        else:  # written before results.json held the config: the command lines must agree
+            from rtda.config import overrides
+
+            differences = [] if sorted(previous.get("overrides", [])) == sorted(overrides()) else [
+                f"overrides {previous.get('overrides')} -> {overrides()}"]
+        if differences:
+            raise ConfigValueError(
+                f"sweep job {folder.name}: {folder} holds a run of another config ({'; '.join(differences)}); it is not "
+                "continued with this one. Give the sweep another folder (hydra.sweep.dir=...) or remove that job's folder")
+    return previous if completed else None
 
 
 def test_summary(metrics: dict, class_names: list[str]) -> dict | None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import subprocess
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -27,11 +29,19 @@ from rtda.ddp import (
     shares_the_sweep_process,
     use_rtda_ddp_children,
 )
-from rtda.errors import ConfigValueError, RtdaError, exit_on_user_error, log_to_files, one_line, run_cli
-from rtda.io import atomic_write_text, check_writable, holding_read_locks
-from rtda.launchers import job_resources, requeue_plugins
+from rtda.errors import (
+    ConfigValueError,
+    RtdaError,
+    RunInterrupted,
+    exit_on_user_error,
+    log_to_files,
+    one_line,
+    run_cli,
+)
+from rtda.io import atomic_write_text, check_writable, holding_read_locks, holding_run_folder
+from rtda.launchers import job_resources, trainer_plugins
 from rtda.loggers import HistoryKeepingCSVLogger
-from rtda.results import format_summary, test_summary
+from rtda.results import completed_job, format_summary, test_summary
 
 log = logging.getLogger("rtda")
 
@@ -83,6 +93,16 @@ def resumed_iteration(ckpt_path: str | None) -> int | None:
         return None
 
 
+def set_aside_hpc_checkpoints(output_dir: Path) -> None:
+    """A run that does not resume (``ckpt_path=null``, or no whole checkpoint) in a folder holding Lightning's
+    ``hpc_ckpt_N.ckpt``: inside a SLURM job Lightning would resume from (and test) that file whatever
+    ``ckpt_path`` says. Renamed ``unused-hpc_ckpt_N.ckpt`` (kept, out of Lightning's sight)."""
+    for path in sorted(output_dir.glob("hpc_ckpt_*.ckpt")):
+        target = path.with_name(f"unused-{path.name}")
+        path.rename(target)
+        log.warning(f"{path} set aside as {target.name}: this run does not resume from it (ckpt_path)")
+
+
 def random_init_warning(cfg: DictConfig) -> str | None:
     """Real data with a randomly initialised network: the most common cause of far-too-low baselines."""
     pretrained = cfg.model.get("pretrained")
@@ -115,6 +135,13 @@ def is_rank_zero() -> bool:
     from pytorch_lightning.utilities import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def log_lines(text: str) -> None:
+    """Print ``text`` on the console and append it to the run's ``train.log`` (the summary, as the user saw it)."""
+    print(text)
+    for line in text.splitlines():
+        log_to_files(line, logging.INFO)
 
 
 def write_results(output_dir: Path, results: dict) -> None:
@@ -205,6 +232,8 @@ def train(cfg: DictConfig) -> dict:
         "seed": cfg.get("seed"),
         "run_dir": str(output_dir.resolve()),
         "git_revision": _git_revision(),
+        # what the job is, to recognise it when a sweep is started again into the same folder (results.completed_job)
+        "config": OmegaConf.to_container(cfg, resolve=True),
     }
     state: dict = {}
     try:
@@ -217,25 +246,41 @@ def train(cfg: DictConfig) -> dict:
     except BaseException as err:
         module, ckpt_cb = state.get("module"), state.get("checkpoint_callback")
         last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and ckpt_cb.dirpath else None
+        interrupted = isinstance(err, RunInterrupted)
+        if type(err).__name__ == "SIGTERMException":  # Lightning's (outside training iterations): exit status 0
+            err = RunInterrupted("SIGTERM outside a training iteration (setting up, validating or testing): the last "
+                                 "checkpoint is the newest whole one; the same command resumes from it")
+            interrupted = True
         failed = {
             **record,
-            "status": "failed",
-            "error": ("interrupted" if isinstance(err, KeyboardInterrupt) else  # Lightning turns Ctrl+C into exit(1)
+            "status": "interrupted" if interrupted else "failed",
+            "error": (str(err) if interrupted else
+                      "interrupted" if isinstance(err, KeyboardInterrupt) else  # Lightning turns Ctrl+C into exit(1)
                       f"stopped (exit status {err.code}): interrupted or killed" if isinstance(err, SystemExit)
                       else one_line(err)),
             "error_type": type(err).__name__,
             "last_checkpoint": str(last.resolve()) if last is not None and last.is_file() else None,
             "decode_failures": getattr(module, "decode_failures", {}),
         }
-        log_to_files(f"run failed: {failed['error']}")
+        if interrupted:
+            failed.update({"interrupted_at": err.iteration, "requeued": err.requeue is not None})
+            if is_rank_zero():
+                print(f"rtda: interrupted: {err}", file=sys.stderr, flush=True)
+        log_to_files(f"run {failed['status']}: {failed['error']}")
         try:
             write_results(output_dir, failed)
         except OSError:
             pass  # the destination itself is the problem: the error says so
+        if interrupted and err.requeue is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # SLURM's SIGTERM to a requeued job: all is saved already
+            if not err.requeue():
+                write_results(output_dir, {**failed, "requeued": False})
+        if interrupted:
+            raise err from None
         raise
     write_results(output_dir, results)
     if is_rank_zero():
-        print(format_summary(results))
+        log_lines(format_summary(results))
     return results
 
 
@@ -264,10 +309,14 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
     if ckpt_path is not None:
         check_checkpoint_fits(ckpt_path, module)
+    elif is_rank_zero():
+        set_aside_hpc_checkpoints(Path(cfg.paths.output_dir))
 
     loggers = list(rtda_config.instantiate_dict(cfg.get("logger")).values())
     resumed_at = resumed_iteration(ckpt_path) if cfg.get("train", True) else None
     if resumed_at is not None and is_rank_zero():
+        log.info(f"resumed from iteration {resumed_at} of {cfg.trainer.max_steps}: {ckpt_path}")
+        record["resumed_from"] = {"iteration": resumed_at, "checkpoint": str(Path(ckpt_path).resolve())}
         for logger in loggers:  # rows logged after the checkpoint, before the job died, are logged again
             if isinstance(logger, HistoryKeepingCSVLogger):
                 logger.forget_from(resumed_at)
@@ -281,7 +330,7 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                   **method_strategy(cfg.trainer.get("strategy"), module),
                                                   **supported_precision(cfg.trainer),
-                                                  **requeue_plugins(), **no_eval)
+                                                  **trainer_plugins(), **no_eval)
     for logger in loggers:
         logger.log_hyperparams({**resolved, "git_revision": record["git_revision"]})
 
@@ -294,23 +343,22 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
             if ckpt_cb is not None and ckpt_cb.dirpath:
                 # last.ckpt = the final weights, even when training stopped between two validations
                 tested = str(Path(ckpt_cb.dirpath) / "last.ckpt")
-                trainer.save_checkpoint(tested)
+                trainer.save_checkpoint(tested, weights_only=False)
         elif ckpt_path:
             tested = ckpt_path
+        # read before testing: trainer.test(ckpt_path=...) restores the callbacks' states from the file it loads
         best = getattr(ckpt_cb, "best_model_path", "") or None
+        best_score = getattr(ckpt_cb, "best_model_score", None) if ckpt_cb else None
         if cfg.get("test", True) and segmenter:
-            test_ckpt = None  # the weights in memory: the final ones, or those loaded below
             if cfg.get("test_ckpt") == "best" and best:
-                test_ckpt = tested = best
-            elif not cfg.get("train", True) and tested:
-                test_ckpt = tested
-            trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=False)
+                tested = best
+            # always a file: with none, Lightning inside a SLURM job tests the hpc_ckpt the run resumed from
+            trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True)
         status = "success"
     finally:
         for logger in loggers:  # flushes what is buffered (CSV rows), also when the run failed
             logger.finalize(status)
 
-    best_score = getattr(ckpt_cb, "best_model_score", None) if ckpt_cb else None
     results = {
         **record,
         "status": "completed",
@@ -333,6 +381,35 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
     return results
 
 
+def log_to_the_run() -> None:
+    """Everything the run says goes to the console and to its ``train.log`` (Hydra's two handlers on the root
+    logger): rtda's lines, Lightning's (its loggers print on their own handler unless told to propagate) and
+    Python warnings (each shown once, as usual, and kept in the file)."""
+    logging.captureWarnings(True)
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.StreamHandler)]
+        logger.propagate = True
+    for handler in logging.getLogger().handlers:  # a logger's own filters do not see its children's records
+        if not any(isinstance(f, _LightningNoise) for f in handler.filters):
+            handler.addFilter(_LightningNoise())
+    for text in LIGHTNING_NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", f".*{text}.*")
+
+
+#: Lightning's lines that say nothing about this run, or mislead in it (rtda checkpoints are full on purpose)
+LIGHTNING_NOISE_LINES = ("litlogger", "`weights_only` was not set")
+LIGHTNING_NOISE_WARNINGS = ("The `srun` command is available on your system but is not used",
+                            "isinstance\\(treespec, LeafSpec\\)` is deprecated",
+                            "You have overridden `on_after_batch_transfer` in `LightningModule`")
+
+
+class _LightningNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in LIGHTNING_NOISE_LINES)
+
+
 def train_in_own_process(cfg: DictConfig) -> dict:
     """A multi-process (DDP) job of a local sweep: run as its own ``rtda-train`` (see :mod:`rtda.ddp`)."""
     code = run_job_as_own_command()
@@ -347,15 +424,20 @@ def train_in_own_process(cfg: DictConfig) -> dict:
 @exit_on_user_error
 @rtda_config.closes_wandb
 def _hydra_main(cfg: DictConfig) -> float | None:
+    log_to_the_run()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # a method without a segmenter checkpoints every N iterations, after its optimizers stepped: as intended
     warnings.filterwarnings("ignore", ".*ModelCheckpoint with manual optimization and every_n_train_steps.*")
-    if launches_processes(cfg.trainer) and shares_the_sweep_process():
-        results = train_in_own_process(cfg)
-    else:
-        # a parallel sweep's job: a GPU of its own, or its share of the CPU; the data it reads stays as it is
-        with job_resources(cfg), holding_read_locks():
-            results = train(cfg)
+    with holding_run_folder(cfg.paths.output_dir):  # a single run's folder is held already (rtda.io.CheckRunFolder)
+        results = completed_job(cfg)  # a sweep started again: its completed jobs are not trained again
+        if results is not None:
+            print(f"rtda: job {Path(cfg.paths.output_dir).name}: completed, skipped")
+        elif launches_processes(cfg.trainer) and shares_the_sweep_process():
+            results = train_in_own_process(cfg)
+        else:
+            # a parallel sweep's job: a GPU of its own, or its share of the CPU; the data it reads stays as it is
+            with job_resources(cfg), holding_read_locks():
+                results = train(cfg)
     metric = cfg.get("optimized_metric")
     value = results.get("best_val_mIoU") if metric == "val/mIoU" else results.get(metric)
     if value is None:

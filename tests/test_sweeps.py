@@ -195,17 +195,25 @@ def test_slurm_with_all_devices_asks_for_a_number(tmp_path):
     assert proc.returncode == 1 and "trainer.devices='auto'" in proc.stderr and "trainer.devices=4" in proc.stderr
 
 
-def test_one_requeue_mechanism_under_submitit(monkeypatch):
-    """In a job of hydra/launcher=slurm, submitit requeues; Lightning's SLURM auto-requeue is turned off."""
-    from rtda.launchers import requeue_plugins
+def test_lightnings_slurm_requeue_is_always_off_and_checkpoints_are_written_whole(monkeypatch):
+    """Inside any SLURM job Lightning's auto-requeue (hpc_ckpt saved from the signal handler, mid-iteration) is off:
+    submitit requeues its jobs, rtda.callbacks.GracefulStop plain sbatch ones. Checkpoints go through rtda's
+    whole-or-nothing writer everywhere."""
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
 
-    compose_train(["hydra/launcher=slurm"])
+    from rtda.checkpoints import AtomicCheckpointIO
+    from rtda.launchers import trainer_plugins
+
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    (writer,) = trainer_plugins()["plugins"]
+    assert isinstance(writer, AtomicCheckpointIO)
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_JOB_NAME", "rtda-train")
-    (plugin,) = requeue_plugins()["plugins"]
-    assert plugin.auto_requeue is False
-    compose_train([])  # the basic launcher (plain sbatch + srun rtda-train): Lightning's requeue is left on
-    assert requeue_plugins() == {}
+    for launcher in (["hydra/launcher=slurm"], []):
+        compose_train(launcher)
+        writer, environment = trainer_plugins()["plugins"]
+        assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
 
 
 def test_ddp_uses_every_gpu_of_the_node_unless_told():

@@ -369,7 +369,9 @@ class SegmentationModule(pl.LightningModule):
         return result
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch_metrics(self.val_metrics, "val")
+        result = self._log_epoch_metrics(self.val_metrics, "val")
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:  # in train.log too, not only the bar
+            log.info(f"iteration {self.global_step}/{self.trainer.max_steps}: val/mIoU {100 * float(result['mIoU']):.2f}")
 
     def on_test_epoch_end(self) -> None:
         result = self._log_epoch_metrics(self.test_metrics, "test")
