@@ -134,23 +134,29 @@ class GracefulStop(Callback):
         # (its evaluation loop stops on a noted SIGTERM) and the run would lose that iteration's checkpoint
         self._received = signal.Signals(signum).name
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        # not on_fit_start: Lightning installs its own signal handlers after that hook
+    def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in self._signals():
-            self._previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._handler)
+            current = signal.getsignal(signum)
+            if current != self._handler:
+                self._previous.setdefault(signum, current)
+                signal.signal(signum, self._handler)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # from the start of fit (and through the test stage, where a signal only sets the flag: the run completes)
+        self._install()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # again: Lightning installs its own SIGTERM handler after setup, and it would abort a validation under way
+        self._install()
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self._restore()
         if self._pending is not None:  # asked at the last iteration: training is complete, the job still stops
             self._stop(trainer, self._pending)
 
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """Give the signals back their handlers from before this run (rtda.train calls it when the run ends)."""
         for signum, handler in self._previous.items():
             if handler is not None:
                 signal.signal(signum, handler)
@@ -194,19 +200,23 @@ class GracefulStop(Callback):
         submitit = self._previous.get(signum) if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else None
 
         def requeue() -> bool:
-            if callable(submitit):
-                try:
-                    submitit(signum, None)
-                except SystemExit:  # submitit exits once it has requeued
-                    pass
-                return True
-            if not trainer.is_global_zero:
-                return True
-            job = _slurm_job_id()
-            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            if result.returncode != 0:
-                log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
-            return result.returncode == 0
+            try:
+                if callable(submitit):
+                    try:
+                        submitit(signum, None)
+                    except SystemExit:  # submitit exits once it has requeued
+                        pass
+                    return True
+                if not trainer.is_global_zero:
+                    return True
+                job = _slurm_job_id()
+                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                if result.returncode != 0:
+                    log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
+                return result.returncode == 0
+            except Exception as err:  # noqa: BLE001 -- no scontrol, submitit out of retries: the job just stops
+                log.warning("the job was not requeued: %s", err)
+                return False
 
         return requeue
 

@@ -8,6 +8,8 @@ translated datasets) goes through :func:`build_once` or :func:`atomic_write_text
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +21,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from rtda.errors import OutputNotWritable, RunFolderInUse, full_error_requested, report
+
+log = logging.getLogger("rtda")
 
 
 def check_writable(folder: str | Path, what: str) -> Path:
@@ -34,10 +38,14 @@ def check_writable(folder: str | Path, what: str) -> Path:
     return folder
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+#: the process's umask, read once at import (reading it means setting it: not while other threads create files)
+_UMASK = _read_umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[object], None], binary: bool = False) -> None:
@@ -48,7 +56,8 @@ def atomic_write(path: str | Path, write: Callable[[object], None], binary: bool
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        with contextlib.suppress(OSError):  # a file system without permissions (CIFS, some FUSE): as it comes
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
@@ -96,7 +105,12 @@ def lock_run_folder(folder: str | Path) -> bool:
     f = open(folder / ".rtda-run.lock", "a+")  # noqa: SIM115 - held open for the run's lifetime
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without record locks (some Lustre, NFS)
+            f.close()
+            log.warning("%s: run-folder locks are not supported here (%s); a second run into it would not be "
+                        "refused", folder, err.strerror or err)
+            return False
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()

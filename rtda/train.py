@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from rtda import config as rtda_config
+from rtda.callbacks import GracefulStop
 from rtda.checkpoints import check_checkpoint_fits
 from rtda.ddp import (
     launches_processes,
@@ -216,7 +217,7 @@ def without_segmenter_callbacks(callbacks_cfg: DictConfig | None, val_check_inte
     return out
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, job_config: dict | None = None) -> dict:
     """Run one experiment; returns the results written to ``results.json``.
 
     A failure (a user error, divergence, an interruption, a bug) still writes ``results.json`` with
@@ -233,7 +234,7 @@ def train(cfg: DictConfig) -> dict:
         "run_dir": str(output_dir.resolve()),
         "git_revision": _git_revision(),
         # what the job is, to recognise it when a sweep is started again into the same folder (results.completed_job)
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": job_config if job_config is not None else OmegaConf.to_container(cfg, resolve=True),
     }
     state: dict = {}
     try:
@@ -311,6 +312,9 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
         check_checkpoint_fits(ckpt_path, module)
     elif is_rank_zero():
         set_aside_hpc_checkpoints(Path(cfg.paths.output_dir))
+    if is_rank_zero():  # a checkpoint being written when the job was killed: its temporary file (this run holds the folder)
+        for stale in Path(cfg.paths.output_dir).glob("checkpoints/.*.ckpt.*.tmp"):
+            stale.unlink(missing_ok=True)
 
     loggers = list(rtda_config.instantiate_dict(cfg.get("logger")).values())
     resumed_at = resumed_iteration(ckpt_path) if cfg.get("train", True) else None
@@ -358,6 +362,9 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
     finally:
         for logger in loggers:  # flushes what is buffered (CSV rows), also when the run failed
             logger.finalize(status)
+        for callback in trainer.callbacks:  # signals get their handlers back (the next job of a sweep, the shell)
+            if isinstance(callback, GracefulStop):
+                callback.restore()
 
     results = {
         **record,
@@ -435,9 +442,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         elif launches_processes(cfg.trainer) and shares_the_sweep_process():
             results = train_in_own_process(cfg)
         else:
-            # a parallel sweep's job: a GPU of its own, or its share of the CPU; the data it reads stays as it is
+            # a parallel sweep's job: a GPU of its own, or its share of the CPU; the data it reads stays as it is.
+            # The job is recorded as configured (job_resources picks its GPU into cfg.trainer.devices)
+            job_config = OmegaConf.to_container(cfg, resolve=True)
             with job_resources(cfg), holding_read_locks():
-                results = train(cfg)
+                results = train(cfg, job_config)
     metric = cfg.get("optimized_metric")
     value = results.get("best_val_mIoU") if metric == "val/mIoU" else results.get(metric)
     if value is None:

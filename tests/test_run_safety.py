@@ -181,3 +181,27 @@ def test_a_sweep_folder_is_fixed_at_submission_for_every_job(tmp_path, monkeypat
         job = compose("train", overrides=[*OmegaConf.to_container(cfg.hydra.overrides.hydra), "seed=0"],
                       return_hydra_config=True)
     assert job.hydra.sweep.dir == str(folder)
+
+
+class _SignalsItself(torch.utils.data.Dataset):
+    """Each sample sends SLURM's requeue signal to the process reading it: a DataLoader worker."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return torch.tensor([index])
+
+
+def test_loader_workers_leave_the_jobs_signals_to_the_training_process():
+    """SLURM signals every process of a job step: a worker that kept SIGUSR1's default action would die and fail the
+    run (rtda's training process saves, requeues and stops the workers itself)."""
+    from torch.utils.data import DataLoader
+
+    from rtda.data.samplers import init_worker
+
+    loader = DataLoader(_SignalsItself(), batch_size=2, num_workers=1, worker_init_fn=init_worker)
+    assert [b.flatten().tolist() for b in loader] == [[0, 1], [2, 3]]
+    with pytest.raises(RuntimeError, match="(?i)worker"):  # the control: without it the worker is killed
+        list(DataLoader(_SignalsItself(), batch_size=2, num_workers=1))

@@ -99,14 +99,18 @@ def time_limited_job(tiny_demo_dir, tmp_path_factory):
     limit) at its next time-limit check: submitit requeues it, rtda saves the iteration first; the limit is given
     back to the pending job, which resumes and completes."""
     cwd = tmp_path_factory.mktemp("time_limit")
-    sweep = cwd / "sweep"
-    proc = _sweep([f"hydra.sweep.dir={sweep}", "hydra.launcher.signal_delay_s=90", "trainer.max_steps=120", "seed=0",
-                   *JOB, *tiny_overrides(tiny_demo_dir)], cwd)
-    job = sweep / "0"  # one job, nothing swept: named by its number
+    # the default sweep folder (stamped on the login node), as the README's command: the jobs must land in it
+    proc = _sweep(["hydra.launcher.signal_delay_s=90", "trainer.max_steps=120", "seed=0", *JOB,
+                   *tiny_overrides(tiny_demo_dir)], cwd)
+    multiruns = cwd / "outputs" / "train" / "multiruns"
     seen: dict = {}
 
     def drive():
         try:
+            _wait(lambda: multiruns.is_dir() and any(multiruns.iterdir()), 60, "the sweep folder")
+            (sweep,) = list(multiruns.iterdir())
+            seen["sweep"] = sweep
+            job = sweep / "0"  # one job, nothing swept: named by its number
             _wait(lambda: (job / "checkpoints" / "last.ckpt").is_file(), 180, "the job's first checkpoint")
             slurm_id = _job_ids(sweep)[0]
             subprocess.run(["scontrol", "update", f"JobId={slurm_id}", "TimeLimit=1"], check=True, capture_output=True)
@@ -119,11 +123,12 @@ def time_limited_job(tiny_demo_dir, tmp_path_factory):
 
     thread = threading.Thread(target=drive, daemon=True)
     thread.start()
-    yield {"proc": proc, "job": job, "thread": thread, "seen": seen}
+    yield {"proc": proc, "multiruns": multiruns, "thread": thread, "seen": seen}
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
-    for slurm_id in _job_ids(sweep).values():
-        subprocess.run(["scancel", slurm_id], capture_output=True)
+    if "sweep" in seen:
+        for slurm_id in _job_ids(seen["sweep"]).values():
+            subprocess.run(["scancel", slurm_id], capture_output=True)
 
 
 def test_a_sweep_lands_in_its_folder_survives_preemption_and_a_kill_and_is_compared(time_limited_job, tiny_demo_dir,
@@ -168,8 +173,9 @@ def test_a_sweep_lands_in_its_folder_survives_preemption_and_a_kill_and_is_compa
 
 
 def test_the_plain_sbatch_recipe_requeues_on_sigusr1_and_scores_the_final_weights(tiny_demo_dir, tmp_path):
+    # with a loader worker: SLURM delivers the signal to every process of the step, workers included
     command = " ".join(["srun", sys.executable, "-m", "rtda.train", "trainer.max_steps=30", "seed=0", *JOB,
-                        *tiny_overrides(tiny_demo_dir)])
+                        "data.num_workers=1", *tiny_overrides(tiny_demo_dir)])
     submitted = subprocess.run(["sbatch", "--parsable", "--requeue", "--signal=SIGUSR1@60", "--time=10", "--ntasks=1",
                                 "--cpus-per-task=1", f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%j.out",
                                 "--wrap", command], env=ENV, capture_output=True, text=True, check=True)
@@ -201,11 +207,15 @@ def test_the_plain_sbatch_recipe_requeues_on_sigusr1_and_scores_the_final_weight
 
 def test_a_job_at_its_time_limit_is_requeued_and_resumes(time_limited_job):
     time_limited_job["thread"].join(timeout=360)
-    seen, proc, job = time_limited_job["seen"], time_limited_job["proc"], time_limited_job["job"]
+    seen, proc = time_limited_job["seen"], time_limited_job["proc"]
     if "error" in seen:
         raise seen["error"]
     out = proc.stdout.read()
     assert proc.returncode == 0, out[-3000:]
+    # the job landed in the sweep folder the login node printed, named by its number; no slurm-<id> folder beside it
+    assert list(time_limited_job["multiruns"].iterdir()) == [seen["sweep"]]
+    assert f"sweep output dir : {seen['sweep']}" in out
+    job = seen["sweep"] / "0"
     assert seen["interrupted"]["requeued"] is True and seen["interrupted"]["error"].startswith("SIGUSR2 at iteration")
     results = _results(job)
     assert results["status"] == "completed"

@@ -27,7 +27,7 @@ import torch
 from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rtda.data.samplers import ResumableDataLoader, ResumableSampler, SeededSamples, mix_seed
+from rtda.data.samplers import ResumableDataLoader, ResumableSampler, SeededSamples, init_worker, mix_seed
 from rtda.data.transforms import SegmentationTransform
 from rtda.errors import ConfigValueError
 
@@ -239,6 +239,10 @@ class DomainAdaptationDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=init_worker,
+            # its own generator: creating an iterator (once, or again after a resume) draws nothing from the global
+            # one, which a method's own random numbers (FDA's crops, DACS's masks) come from
+            generator=torch.Generator().manual_seed(0),
         )
 
     def _uses_target_images(self) -> bool:
@@ -312,6 +316,7 @@ class DomainAdaptationDataModule(pl.LightningDataModule):
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 persistent_workers=self.num_workers > 0,
+                worker_init_fn=init_worker,
                 # the loader's own generator (worker base seeds), so creating iterators draws nothing from
                 # the global one, which the checkpoints restore for the training step's own random numbers
                 generator=torch.Generator().manual_seed(mix_seed(seed, split, "loader")),

@@ -202,3 +202,24 @@ class ResumableDataLoader(DataLoader):
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict and isinstance(self.sampler, ResumableSampler):
             self.sampler.check_state(state_dict)
+
+
+def init_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of rtda's loaders: a DataLoader worker leaves SLURM's requeue signals (SIGUSR1 of the
+    plain ``sbatch`` recipe, submitit's SIGUSR2) to its training process. SLURM delivers ``--signal`` /
+    ``scancel --signal`` to every process of a job step, workers included: with the handlers they inherit when
+    forked, a worker would die (SIGUSR1's default action; the training process then fails on a lost worker) or
+    run submitit's requeue itself before the run has saved anything. SIGTERM keeps its default action: it is how
+    the loader and multiprocessing end their workers. Lightning's worker seeding (``seed_everything(workers=True)``),
+    which a ``worker_init_fn`` of our own replaces, runs as before."""
+    import os
+    import signal
+
+    for name in ("SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        from lightning_fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
