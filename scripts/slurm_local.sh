@@ -77,8 +77,14 @@ PartitionName=debug Nodes=${host} Default=YES MaxTime=INFINITE State=UP OverSubs
 EOF
 }
 
-alive() {  # alive PIDFILE: the daemon whose pid the file holds is running
-    [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+alive() {  # alive PIDFILE NAME: the daemon NAME whose pid the file holds is running (not a zombie left by a kill
+    # that this machine's init has not reaped, not another process that took the pid)
+    local pid
+    [ -f "$1" ] || return 1
+    pid=$(cat "$1")
+    [ -n "$pid" ] && [ -r "/proc/$pid/stat" ] || return 1
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
+    [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != "Z" ]
 }
 
 start() {
@@ -93,13 +99,15 @@ start() {
         chmod 0400 /etc/munge/munge.key
     fi
     write_conf
-    if ! alive /run/munge/munged.pid; then
-        su -s /bin/sh munge -c "/usr/sbin/munged --pid-file=/run/munge/munged.pid"
+    if ! alive /run/munge/munged.pid munged; then
+        rm -f /run/munge/munged.pid
+        su -s /bin/sh munge -c "/usr/sbin/munged --force --pid-file=/run/munge/munged.pid"
     fi
-    if ! alive "$RUN/slurmctld.pid"; then /usr/sbin/slurmctld; fi
-    if ! alive "$RUN/slurmd.pid"; then /usr/sbin/slurmd; fi
-    for _ in $(seq 1 60); do
-        if sinfo -h -o '%T' 2>/dev/null | grep -Eq '^(idle|mixed|allocated)'; then
+    if ! alive "$RUN/slurmctld.pid" slurmctld; then rm -f "$RUN/slurmctld.pid"; /usr/sbin/slurmctld; fi
+    if ! alive "$RUN/slurmd.pid" slurmd; then rm -f "$RUN/slurmd.pid"; /usr/sbin/slurmd; fi
+    local deadline=$((SECONDS + 90))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        if timeout 5 sinfo -h -o '%T' 2>/dev/null | grep -Eq '^(idle|mixed|allocated)'; then
             sinfo
             return 0
         fi
@@ -112,8 +120,9 @@ start() {
 
 stop() {
     need_root
-    for pidfile in "$RUN/slurmd.pid" "$RUN/slurmctld.pid" /run/munge/munged.pid; do
-        if alive "$pidfile"; then
+    for entry in "$RUN/slurmd.pid:slurmd" "$RUN/slurmctld.pid:slurmctld" "/run/munge/munged.pid:munged"; do
+        pidfile=${entry%%:*}
+        if alive "$pidfile" "${entry##*:}"; then
             pid=$(cat "$pidfile")
             kill "$pid"
             for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
