@@ -39,6 +39,7 @@ from pathlib import Path
 
 from rtda.errors import RtdaError, run_cli
 from rtda.results import NOT_EXPERIMENT_KEYS as NOT_RUN_KEYS
+from rtda.results import is_experiment_key
 
 #: override keys (and prefixes, ending in ".") that do not change what a run measures: never grouped on
 NOT_EXPERIMENT_KEYS = ("seed", *NOT_RUN_KEYS)
@@ -49,10 +50,8 @@ GROUP_ORDER = ("experiment", "data", "model", "augmentation", "adaptation", "opt
 
 
 def _ignored(key: str, extra: Sequence[str] = ()) -> bool:
-    for pattern in (*NOT_EXPERIMENT_KEYS, *extra):
-        if key == pattern or (pattern.endswith(".") and key.startswith(pattern)) or key.startswith(pattern + "."):
-            return True
-    return False
+    """Not grouped on: the keys that do not change what a run measures, the seed, and ``--ignore`` keys."""
+    return not is_experiment_key(key, ("seed", *extra))
 
 
 def _split_override(text: str) -> tuple[str, str]:
