@@ -3,7 +3,7 @@
 # write the CycleGAN- and the FDA-translated (beta 0.01) demo source at the demo's training size, then 3 seeds of
 # demo_source_only on each copy (scripts/demo_methods.py appends them to outputs/demo_methods.json).
 #   bash scripts/demo_translation.sh [paths.data_dir (default: data)] [extra overrides for the translator]
-# Runs one job at a time. rtda-translate is called as `python -m rtda.translate` (also before it is installed).
+# Runs one job at a time. rtda-translate is called as `python -m rtda.cli.translate` (also before it is installed).
 set -euo pipefail
 DATA=$(realpath -m "${1:-data}")
 shift || true
@@ -16,10 +16,10 @@ echo "translator wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/transla
 CKPT="$OUT/translator/checkpoints/last.ckpt"
 
 start=$(date +%s)
-python -m rtda.translate method=cyclegan ckpt_path="$CKPT" size=[144,256] out="$DATA/demo_gta5_cyclegan" paths.data_dir="$DATA"
+python -m rtda.cli.translate method=cyclegan ckpt_path="$CKPT" size=[144,256] out="$DATA/demo_gta5_cyclegan" paths.data_dir="$DATA"
 echo "cyclegan translation wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/translator.log"
 start=$(date +%s)
-python -m rtda.translate method=fda beta=0.01 seed=0 size=[144,256] out="$DATA/demo_gta5_fda" paths.data_dir="$DATA"
+python -m rtda.cli.translate method=fda beta=0.01 seed=0 size=[144,256] out="$DATA/demo_gta5_fda" paths.data_dir="$DATA"
 echo "fda translation wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/translator.log"
 
 python scripts/demo_methods.py \

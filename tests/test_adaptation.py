@@ -11,8 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from rtda.adaptation.advent import AdvEntModule, MinEntModule, entropy_loss, self_information
-from rtda.adaptation.adversarial import AdversarialModule, gan_loss
-from rtda.adaptation.base import SegmentationModule
+from rtda.adaptation.adversarial import AdversarialModule
+from rtda.adaptation.gan_losses import gan_loss
+from rtda.adaptation.segmentation import SegmentationModule
 from rtda.models.bisenet import BiSeNet
 from rtda.models.deeplabv2 import DeepLabV2
 from rtda.models.discriminator import FCDiscriminator
@@ -293,7 +294,7 @@ def test_minent_adds_the_weighted_target_entropy(tmp_path):
 def test_ddp_options_come_from_the_method():
     from pytorch_lightning.strategies import DDPStrategy
 
-    from rtda.train import method_strategy
+    from rtda.pipelines.train import method_strategy
 
     strategy = method_strategy("ddp_spawn", module("adversarial"))["strategy"]
     assert isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs == {"find_unused_parameters": True}

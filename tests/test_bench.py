@@ -13,9 +13,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from torch import nn
 
-from rtda.bench import _onnx_runner, benchmark, format_table
-from rtda.complexity import count_flops, count_parameters, measure_interleaved
-from rtda.config import CONFIG_DIR
+from rtda.bench.inference import _onnx_runner, benchmark, format_table
+from rtda.bench.complexity import count_flops, count_parameters, measure_interleaved
+from rtda.run.config import CONFIG_DIR
 from rtda.models.bisenet import BiSeNet
 
 
@@ -85,7 +85,7 @@ def test_cli_compares_networks_in_one_table(tmp_path):
 
 def test_bench_needs_no_albumentations():
     # the GPU machines carry no albumentations: the benchmark path must not import it
-    code = "import sys; sys.modules['albumentations'] = None; import rtda.bench, rtda.bench_train, rtda.adaptation.base, rtda.evaluate"
+    code = "import sys; sys.modules['albumentations'] = None; import rtda.bench.inference, rtda.bench.training, rtda.adaptation.base, rtda.pipelines.evaluate"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

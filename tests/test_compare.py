@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, tiny_overrides
 
-from rtda.compare import compare, load_runs, plot_per_class, summarize
+from rtda.analysis.compare import compare, load_runs, plot_per_class, summarize
 
 CLASSES = ["road", "sidewalk", "car"]
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
@@ -122,7 +122,7 @@ def test_plot_api_returns_a_figure_for_notebooks(sweep):
 
 
 def test_cli_defaults_to_writing_into_the_folder_given(sweep):
-    proc = subprocess.run([sys.executable, "-m", "rtda.compare", str(sweep)], env=ENV, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "rtda.cli.compare", str(sweep)], env=ENV, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (sweep / "comparison.md").is_file() and (sweep / "comparison.csv").is_file()
@@ -142,7 +142,7 @@ def _write(path: Path, text: str) -> Path:
 ])
 def test_bad_paths_are_one_line_naming_them(tmp_path, make, fragment):
     path = make(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "rtda.compare", str(path), "--out", str(tmp_path / "o")], env=ENV,
+    proc = subprocess.run([sys.executable, "-m", "rtda.cli.compare", str(path), "--out", str(tmp_path / "o")], env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -151,14 +151,14 @@ def test_bad_paths_are_one_line_naming_them(tmp_path, make, fragment):
 
 
 def test_no_arguments_is_one_line_with_the_usage(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rtda.compare"], env=ENV, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "rtda.cli.compare"], env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.strip().startswith("rtda: error: ")
     assert "usage: rtda-compare PATH" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_console_script_is_declared():
     text = (REPO / "pyproject.toml").read_text()
-    assert 'rtda-compare = "rtda.compare:main"' in text
+    assert 'rtda-compare = "rtda.cli.compare:main"' in text
 
 
 @pytest.mark.slow
@@ -176,7 +176,7 @@ def test_two_job_sweep_through_the_cli_then_compare(tiny_demo_dir, tmp_path):
         results = json.loads((sweep / job / "results.json").read_text())
         assert results["status"] == "completed" and results["seed"] == seed
         assert f"seed={seed}" in results["overrides"] and "trainer.max_steps=2" in results["overrides"]
-    proc = subprocess.run([sys.executable, "-m", "rtda.compare", str(sweep)], cwd=tmp_path, env=ENV, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "rtda.cli.compare", str(sweep)], cwd=tmp_path, env=ENV, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     with open(sweep / "comparison.csv", newline="") as f:

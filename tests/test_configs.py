@@ -3,13 +3,15 @@
 from pathlib import Path
 
 import hydra
+import pytorch_lightning as pl
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from rtda.config import CONFIG_DIR
+from rtda.adaptation.base import build_method
+from rtda.run.config import CONFIG_DIR
 
 GROUPS = ["data", "model", "augmentation", "adaptation", "optimizer", "trainer", "logger", "callbacks", "experiment", "debug"]
 
@@ -48,16 +50,15 @@ def test_every_option_composes(group, option, tmp_path):
     assert cfg.data.num_classes == 19
     if group in ("data", "model", "augmentation", "adaptation", "optimizer"):
         net = hydra.utils.instantiate(cfg.model)
-        segmenter = getattr(hydra.utils.get_class(cfg.adaptation._target_), "has_segmenter", True)
-        module = hydra.utils.instantiate(cfg.adaptation, net=net if segmenter else None,
-                                         optimizer=hydra.utils.instantiate(cfg.optimizer))
+        module = build_method(cfg.adaptation, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer))
         dm = hydra.utils.instantiate(cfg.data, augmentation=cfg.augmentation)
-        assert module.net is (net if segmenter else None) and dm.num_classes == 19
+        assert isinstance(module, hydra.utils.get_class(cfg.adaptation._target_)) and dm.num_classes == 19
+        assert getattr(module, "net", None) is (net if module.trains_segmenter else None)
     if group in ("logger", "callbacks"):
-        for node in (cfg.get("logger") or {}).values():
-            assert hydra.utils.instantiate(node) is not None
-        for node in (cfg.get("callbacks") or {}).values():
-            assert hydra.utils.instantiate(node) is not None
+        for node in [*(cfg.get("logger") or {}).values(), *(cfg.get("callbacks") or {}).values()]:
+            target = hydra.utils.get_object(node._target_)  # a class, or a function building a Lightning logger
+            expected = target if isinstance(target, type) else (pl.loggers.Logger,)
+            assert isinstance(hydra.utils.instantiate(node), expected)
     if group == "trainer" and cfg.trainer.accelerator == "cpu":
         trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert trainer.max_steps == cfg.trainer.max_steps

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from rtda.adaptation.cyclegan import CycleGANModule, ImagePool, linear_decay_lambda, ls_gan_loss
+from rtda.adaptation.cyclegan import CycleGANModule, ImagePool, linear_decay_lambda
+from rtda.adaptation.gan_losses import ls_gan_loss
 from rtda.models.cyclegan import PatchDiscriminator, ResnetGenerator, to_uint8, translate_image
 
 
@@ -151,13 +152,13 @@ def test_images_reach_the_generators_in_minus_one_to_one():
              "target": {"image": torch.full((1, 3, 1, 2), 255, dtype=torch.uint8)}}
     out = module.on_after_batch_transfer(batch, 0)
     assert out["source"]["image"][0, 0, 0].tolist() == [-1.0, 1.0] and float(out["target"]["image"].min()) == 1.0
-    assert module.net is None and not module.has_segmenter and module.uses_target_images
+    assert not hasattr(module, "net") and not module.trains_segmenter and module.uses_target_images
     assert module.strategy_options == {"find_unused_parameters": True}
 
 
 @pytest.mark.parametrize("key,value", [("n_blocks", -1), ("ngf", 0), ("decay_iters", 0), ("pool_size", -1)])
 def test_bad_settings_name_their_key(key, value):
-    from rtda.errors import ConfigValueError
+    from rtda.run.errors import ConfigValueError
 
     with pytest.raises(ConfigValueError, match=f"adaptation.{key}"):
         CycleGANModule(**{key: value})

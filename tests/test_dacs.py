@@ -12,22 +12,13 @@ from test_train_cli import rtda_train, run_folder
 from torch import nn
 
 from rtda.adaptation.base import poly_lambda
-from rtda.adaptation.dacs import (
-    DACSModule,
-    EMATeacher,
-    block_mask,
-    blur_kernel_size,
-    class_mix_masks,
-    downscale_label_ratio,
-    ema_alpha,
-    masked_feature_distance,
-    mix,
-    strong_augment,
-    weighted_cross_entropy,
-)
+from rtda.adaptation.dacs import DACSModule, weighted_cross_entropy
+from rtda.adaptation.features import downscale_label_ratio, masked_feature_distance
+from rtda.adaptation.mixing import block_mask, blur_kernel_size, class_mix_masks, gaussian_blur, mix, strong_augment
+from rtda.adaptation.teacher import EMATeacher, ema_alpha
 from rtda.adaptation.pseudo_labels import dacs_pseudo_labels
 from rtda.data.datamodule import RareClassSampler, rare_class_probabilities
-from rtda.errors import ConfigValueError
+from rtda.run.errors import ConfigValueError
 from rtda.models.bisenet import BiSeNet
 
 TINY = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.batch_size=2", "data.num_workers=0",
@@ -168,8 +159,6 @@ def test_strong_augmentation_and_mic_masks():
 
 def test_separable_blur_equals_torchvisions_2d_kernel():
     from torchvision.transforms.v2 import functional as TF
-
-    from rtda.adaptation.dacs import blur_kernel_size, gaussian_blur
 
     images = torch.rand(2, 3, 40, 72) * 255
     sigma = [0.15, 1.1]

@@ -94,8 +94,8 @@ def test_divergence_stops_the_run_marks_it_failed_and_keeps_no_diverged_checkpoi
 
 
 def test_non_finite_weights_are_never_saved():
-    from rtda.adaptation.base import SegmentationModule
-    from rtda.errors import TrainingDiverged
+    from rtda.adaptation.segmentation import SegmentationModule
+    from rtda.run.errors import TrainingDiverged
     from rtda.models.bisenet import BiSeNet
 
     module = SegmentationModule(BiSeNet(num_classes=19), optimizer=None)
@@ -140,8 +140,8 @@ def test_a_value_of_the_wrong_type_names_the_key_before_anything_runs(tiny_demo_
 def test_config_values_are_checked_with_the_key_named(override, fragment):
     from hydra import compose, initialize_config_dir
 
-    from rtda.config import CONFIG_DIR, check_values
-    from rtda.errors import ConfigValueError
+    from rtda.run.config import CONFIG_DIR, check_values
+    from rtda.run.errors import ConfigValueError
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         good = compose("train", overrides=["paths.output_dir=x"])
@@ -195,9 +195,9 @@ def test_eval_of_a_checkpoint_with_another_class_count(trained_run, tmp_path):
 
 
 def test_resume_from_a_checkpoint_of_another_network_stops_before_training(trained_run, tmp_path):
-    from rtda.adaptation.base import SegmentationModule
-    from rtda.checkpoints import check_checkpoint_fits
-    from rtda.errors import CheckpointError
+    from rtda.adaptation.segmentation import SegmentationModule
+    from rtda.run.checkpoints import check_checkpoint_fits
+    from rtda.run.errors import CheckpointError
     from rtda.models.bisenet import BiSeNet
 
     check_checkpoint_fits(trained_run["checkpoint"], SegmentationModule(BiSeNet(num_classes=19)))  # fits
@@ -254,7 +254,7 @@ def test_concurrent_demo_generation_builds_once_and_both_runs_use_it(tmp_path):
 
 
 def test_a_half_written_folder_is_never_taken_as_complete(tmp_path):
-    from rtda.io import build_once
+    from rtda.run.files import build_once
 
     root = tmp_path / "pseudo"
 
@@ -318,7 +318,7 @@ def test_an_evaluation_file_that_fails_to_decode_stops_the_run_naming_it(tiny_de
 
 def test_a_label_of_the_wrong_encoding_is_named(tmp_path):
     from rtda.data.cityscapes import Cityscapes
-    from rtda.errors import DecodeError
+    from rtda.run.errors import DecodeError
 
     city = tmp_path / "leftImg8bit" / "val" / "lindau"
     gt = tmp_path / "gtFine" / "val" / "lindau"

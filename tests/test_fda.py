@@ -14,14 +14,10 @@ from conftest import tiny_overrides
 from PIL import Image
 from test_train_cli import rtda_train, run_folder
 
-from rtda.adaptation.fda import charbonnier_entropy, fda_source_to_target, fda_window, match_size
-from rtda.adaptation.pseudo_labels import (
-    StreamingThresholds,
-    class_thresholds,
-    fda_pseudo_labels,
-    quantile_position,
-    write_pseudo_label_tree,
-)
+from rtda.adaptation.fda import charbonnier_entropy, fda_source_to_target  # the contract's import paths
+from rtda.adaptation.pseudo_labels import StreamingThresholds, class_thresholds, fda_pseudo_labels, quantile_position
+from rtda.adaptation.spectrum import fda_window, match_size
+from rtda.pipelines.pseudo_labels import write_pseudo_label_tree
 
 
 def _images(shape, seed):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from rtda.errors import ConfigValueError
+from rtda.run.errors import ConfigValueError
 from rtda.models import pretrained
 from rtda.models.bisenet import BiSeNet
 from rtda.models.outputs import SegmentationOutputs

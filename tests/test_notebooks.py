@@ -153,11 +153,11 @@ def test_03_results_reads_a_sweep_measures_the_missing_speed_and_draws_the_trade
     assert len(measured) == 1 and json.loads(measured[0].read_text())[0]["input"] == "1x3x64x128"
 
 
-# -- rtda.notebook: how the notebooks find their inputs (seconds) ---------------------------------------------
+# -- rtda.analysis.notebook: how the notebooks find their inputs (seconds) ---------------------------------------------
 
 def test_specs_select_runs_and_rows_by_their_command_line(tmp_path):
-    from rtda.compare import summarize
-    from rtda.notebook import find_runs, matches, parse_spec, seed_table, select_rows
+    from rtda.analysis.compare import summarize
+    from rtda.analysis.notebook import find_runs, matches, parse_spec, seed_table, select_rows
 
     assert parse_spec("data=demo +adaptation.beta=0.05") == {"data": "demo", "adaptation.beta": "0.05"}
     with pytest.raises(Exception, match="not key=value"):
@@ -187,8 +187,8 @@ def test_specs_select_runs_and_rows_by_their_command_line(tmp_path):
 def test_bench_rows_take_the_newest_matching_result_and_speed_points_join_them(tmp_path):
     import os
 
-    from rtda.errors import RtdaError
-    from rtda.notebook import bench_rows, speed_points
+    from rtda.run.errors import RtdaError
+    from rtda.analysis.notebook import bench_rows, speed_points
 
     def write(folder, rows, mtime):
         (tmp_path / folder).mkdir()
@@ -208,8 +208,8 @@ def test_bench_rows_take_the_newest_matching_result_and_speed_points_join_them(t
 
 
 def test_a_runs_checkpoint_is_the_tested_one_else_last(tmp_path):
-    from rtda.errors import RtdaError
-    from rtda.notebook import checkpoint_of
+    from rtda.run.errors import RtdaError
+    from rtda.analysis.notebook import checkpoint_of
 
     (tmp_path / "checkpoints").mkdir()
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -224,7 +224,7 @@ def test_a_runs_checkpoint_is_the_tested_one_else_last(tmp_path):
 
 
 def test_runs_for_uses_what_is_there_and_trains_only_what_is_missing(tmp_path, monkeypatch):
-    import rtda.notebook as nb
+    import rtda.analysis.notebook as nb
 
     trained = []
 

@@ -47,7 +47,7 @@ def test_a_wheel_in_a_fresh_venv_runs_a_users_own_experiment(tiny_demo_dir, tmp_
     project = tmp_path / "my_project"
     (project / "conf" / "experiment").mkdir(parents=True)
     (project / "conf" / "experiment" / "my_short_run.yaml").write_text(USER_EXPERIMENT)
-    where = subprocess.run([str(python), "-c", "import rtda.config as c; print(c.CONFIG_DIR)"], cwd=project, env=ENV,
+    where = subprocess.run([str(python), "-c", "import rtda.run.config as c; print(c.CONFIG_DIR)"], cwd=project, env=ENV,
                            capture_output=True, text=True, timeout=120)
     config_dir = Path(where.stdout.strip())
     assert config_dir.is_relative_to(venv) and (config_dir / "train.yaml").is_file(), where.stdout + where.stderr

@@ -17,7 +17,7 @@ ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "
 
 
 def test_random_state_round_trips_and_loads_weights_only(tmp_path):
-    from rtda.callbacks import RandomState
+    from rtda.run.callbacks import RandomState
 
     cb = RandomState()
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
@@ -32,7 +32,7 @@ def test_random_state_round_trips_and_loads_weights_only(tmp_path):
 def test_auto_passes_over_a_truncated_last_checkpoint(tmp_path):
     import time
 
-    from rtda.train import resolve_ckpt_path
+    from rtda.pipelines.train import resolve_ckpt_path
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -48,7 +48,7 @@ def test_auto_passes_over_a_truncated_last_checkpoint(tmp_path):
 
 
 def test_csv_rows_after_the_resumed_checkpoint_are_dropped_once(tmp_path):
-    from rtda.loggers import HistoryKeepingCSVLogger
+    from rtda.run.loggers import HistoryKeepingCSVLogger
 
     logger = HistoryKeepingCSVLogger(save_dir=str(tmp_path), name="csv", version="")
     logger.log_metrics({"train/loss": 1.0}, step=0)

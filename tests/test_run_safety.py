@@ -100,8 +100,8 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_before_writing_anything
 
 
 def test_a_checkpoint_that_cannot_be_written_leaves_no_partial_file_and_says_where(tmp_path, monkeypatch):
-    from rtda.checkpoints import AtomicCheckpointIO
-    from rtda.errors import DiskFull
+    from rtda.run.checkpoints import AtomicCheckpointIO
+    from rtda.run.errors import DiskFull
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -166,8 +166,8 @@ def test_a_sweep_folder_is_fixed_at_submission_for_every_job(tmp_path, monkeypat
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from rtda.config import CONFIG_DIR
-    from rtda.io import pin_sweep_folder
+    from rtda.run.config import CONFIG_DIR
+    from rtda.run.files import pin_sweep_folder
 
     GlobalHydra.instance().clear()
     monkeypatch.chdir(tmp_path)

@@ -174,7 +174,7 @@ def test_a_sweep_lands_in_its_folder_survives_preemption_and_a_kill_and_is_compa
 
 def test_the_plain_sbatch_recipe_requeues_on_sigusr1_and_scores_the_final_weights(tiny_demo_dir, tmp_path):
     # with a loader worker: SLURM delivers the signal to every process of the step, workers included
-    command = " ".join(["srun", sys.executable, "-m", "rtda.train", "trainer.max_steps=30", "seed=0", *JOB,
+    command = " ".join(["srun", sys.executable, "-m", "rtda.cli.train", "trainer.max_steps=30", "seed=0", *JOB,
                         "data.num_workers=1", *tiny_overrides(tiny_demo_dir)])
     submitted = subprocess.run(["sbatch", "--parsable", "--requeue", "--signal=SIGUSR1@60", "--time=10", "--ntasks=1",
                                 "--cpus-per-task=1", f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%j.out",

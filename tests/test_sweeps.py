@@ -12,8 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from rtda import config as rtda_config
-from rtda.config import CONFIG_DIR
+from rtda.run import resolvers
+from rtda.run.config import CONFIG_DIR
 
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
        "HYDRA_FULL_ERROR": "0"}
@@ -37,9 +37,9 @@ def test_sweep_job_folder_names_the_swept_values(tmp_path):
     (tmp_path / "multirun.yaml").write_text(OmegaConf.to_yaml({"hydra": {"overrides": {"task": [
         "adaptation=source_only,advent", "seed=range(0,3)", "paths.data_dir=/data/x", "optimizer.lr=0.01"]}}}))
     job = ["adaptation=advent", "seed=2", "paths.data_dir=/data/x", "optimizer.lr=0.01"]
-    assert rtda_config.job_dirname(4, str(tmp_path), job) == "4_adaptation-advent_seed-2"
-    assert rtda_config.job_dirname(4, str(tmp_path / "elsewhere"), job) == "4"  # no multirun.yaml: the number
-    long = rtda_config.job_dirname(0, str(tmp_path), ["adaptation=" + "x" * 300, "seed=1"])
+    assert resolvers.job_dirname(4, str(tmp_path), job) == "4_adaptation-advent_seed-2"
+    assert resolvers.job_dirname(4, str(tmp_path / "elsewhere"), job) == "4"  # no multirun.yaml: the number
+    long = resolvers.job_dirname(0, str(tmp_path), ["adaptation=" + "x" * 300, "seed=1"])
     assert len(long) <= 120 and long.startswith("0_adaptation-xxx") and "/" not in long
 
 
@@ -50,7 +50,7 @@ def test_a_job_folder_passes_as_an_unquoted_override(tmp_path):
 
     (tmp_path / "multirun.yaml").write_text(OmegaConf.to_yaml({"hydra": {"overrides": {"task": [
         "adaptation.beta=0.01,0.05", "model.adaptation_levels=[out],[out,context16]"]}}}))
-    name = rtda_config.job_dirname(1, str(tmp_path), ["adaptation.beta=0.05", "model.adaptation_levels=[out,context16]"])
+    name = resolvers.job_dirname(1, str(tmp_path), ["adaptation.beta=0.05", "model.adaptation_levels=[out,context16]"])
     assert name.startswith("1_adaptation.beta-0.05_model.adaptation_levels-")
     path = f"outputs/train/multiruns/2026-11-28_05-00-00/{name}/checkpoints/last.ckpt"
     parsed = OverridesParser.create().parse_overrides([f"ckpt_path={path}", f"ckpt_path=[{path},{path}]"])
@@ -58,20 +58,20 @@ def test_a_job_folder_passes_as_an_unquoted_override(tmp_path):
 
 
 def test_values_with_slashes_stay_one_folder_level():
-    assert rtda_config.safe_name("paths.data_dir=/a/b c") == "paths.data_dir_a_b_c"
+    assert resolvers.safe_name("paths.data_dir=/a/b c") == "paths.data_dir_a_b_c"
 
 
 def test_run_folder_comes_from_run_name_then_slurm_job_then_the_time(monkeypatch):
     for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(key, raising=False)
-    assert rtda_config.run_name("baseline", "STAMP") == "baseline"
-    assert rtda_config.run_name(None, "STAMP") == "STAMP"
+    assert resolvers.run_name("baseline", "STAMP") == "baseline"
+    assert resolvers.run_name(None, "STAMP") == "STAMP"
     monkeypatch.setenv("SLURM_JOB_ID", "4242")  # a requeued job keeps its id: the same folder
-    assert rtda_config.run_name(None, "STAMP") == "slurm-4242"
+    assert resolvers.run_name(None, "STAMP") == "slurm-4242"
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4200")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
-    assert rtda_config.run_name(None, "STAMP") == "slurm-4200_7"
-    assert rtda_config.run_name("mine", "STAMP") == "mine"
+    assert resolvers.run_name(None, "STAMP") == "slurm-4200_7"
+    assert resolvers.run_name("mine", "STAMP") == "mine"
 
 
 def test_composed_run_dir_uses_run_name(monkeypatch):
@@ -108,7 +108,7 @@ def test_parallel_sweep_jobs_build_the_demo_once_and_both_complete(tmp_path):
 def test_parallel_launcher_composes_one_job_per_device():
     cfg = compose_train(["hydra/launcher=parallel"])
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
-    from rtda.launchers import device_count
+    from rtda.run.launchers import device_count
 
     assert cfg.hydra.launcher.n_jobs == device_count() >= 1
 
@@ -120,7 +120,7 @@ def test_parallel_launcher_composes_one_job_per_device():
 def test_wandb_offline_sweep_gives_one_run_per_job_with_group_tags_and_status(tiny_demo_dir, tmp_path):
     from wandb_records import history_keys, records, run_record
 
-    from rtda.loggers import run_id
+    from rtda.run.loggers import run_id
 
     env = {k: v for k, v in ENV.items() if k != "WANDB_MODE"}
     env["HOME"] = str(tmp_path)  # not logged in: offline by itself, never prompts
@@ -179,7 +179,7 @@ def test_slurm_launcher_composes_from_the_command_line(tmp_path):
 
 
 def test_slurm_dry_run_prints_the_sbatch_script(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rtda.launchers", "trainer=ddp", "trainer.devices=2", "+trainer.num_nodes=1",
+    proc = subprocess.run([sys.executable, "-m", "rtda.run.launchers", "trainer=ddp", "trainer.devices=2", "+trainer.num_nodes=1",
                            "hydra.launcher.timeout_min=90", 'hydra.launcher.setup=["source ~/env/bin/activate"]'],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -190,19 +190,19 @@ def test_slurm_dry_run_prints_the_sbatch_script(tmp_path):
 
 
 def test_slurm_with_all_devices_asks_for_a_number(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rtda.launchers", "trainer=ddp", "trainer.devices=auto"],
+    proc = subprocess.run([sys.executable, "-m", "rtda.run.launchers", "trainer=ddp", "trainer.devices=auto"],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "trainer.devices='auto'" in proc.stderr and "trainer.devices=4" in proc.stderr
 
 
 def test_lightnings_slurm_requeue_is_always_off_and_checkpoints_are_written_whole(monkeypatch):
     """Inside any SLURM job Lightning's auto-requeue (hpc_ckpt saved from the signal handler, mid-iteration) is off:
-    submitit requeues its jobs, rtda.callbacks.GracefulStop plain sbatch ones. Checkpoints go through rtda's
+    submitit requeues its jobs, rtda.run.callbacks.GracefulStop plain sbatch ones. Checkpoints go through rtda's
     whole-or-nothing writer everywhere."""
     from pytorch_lightning.plugins.environments import SLURMEnvironment
 
-    from rtda.checkpoints import AtomicCheckpointIO
-    from rtda.launchers import trainer_plugins
+    from rtda.run.checkpoints import AtomicCheckpointIO
+    from rtda.run.launchers import trainer_plugins
 
     for key in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
         monkeypatch.delenv(key, raising=False)
@@ -219,14 +219,14 @@ def test_lightnings_slurm_requeue_is_always_off_and_checkpoints_are_written_whol
 def test_ddp_uses_every_gpu_of_the_node_unless_told():
     assert compose_train(["trainer=ddp"]).trainer.devices == "auto"
     assert compose_train(["trainer=ddp", "trainer.devices=2"]).trainer.devices == 2
-    from rtda.ddp import launches_processes
+    from rtda.run.ddp import launches_processes
 
     assert launches_processes(compose_train(["trainer=ddp"]).trainer)  # one process per GPU, this job's folder
 
 
 READER = """
 import json, sys, time
-from rtda.io import holding_read_locks
+from rtda.run.files import holding_read_locks
 from rtda.data.demo import ensure_demo
 root, gap, hold = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 with holding_read_locks():  # what rtda-train does around a job

@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from rtda.bench_train import MethodRow, PeakMemory, SyntheticBatches, _timed_intervals
-from rtda.config import CONFIG_DIR
+from rtda.bench.training import MethodRow, PeakMemory, SyntheticBatches, _timed_intervals
+from rtda.run.config import CONFIG_DIR
 
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
 METHODS = ["source_only", "adversarial", "minent", "advent", "fda", "fda_ssl", "cyclegan", "dacs", "mic"]
@@ -97,8 +97,8 @@ def test_train_mode_rows_and_the_plain_loop(tmp_path):
 def test_method_overrides_go_to_the_methods_that_have_the_key(tmp_path):
     from hydra.core.hydra_config import HydraConfig
 
-    from rtda.bench_train import method_configs
-    from rtda.errors import ConfigValueError
+    from rtda.bench.training import method_configs
+    from rtda.run.errors import ConfigValueError
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -118,7 +118,7 @@ def test_method_overrides_go_to_the_methods_that_have_the_key(tmp_path):
 
 def test_deeplab_from_random_init_trains_finitely_in_the_benchmark(tmp_path):
     """Frozen BatchNorm calibrated and rates scaled: random-init DeepLabV2 on random labels stays finite."""
-    from rtda.bench_train import build_net
+    from rtda.bench.training import build_net
     from rtda.models.frozen_bn import FrozenBatchNorm2d
 
     cfg = bench_cfg("model=deeplabv2_r101", "adaptation=source_only", "bench.height=32", "bench.width=64")
@@ -161,7 +161,7 @@ def test_every_method_trains_in_mixed_precision(precision, methods, tmp_path):
 
 
 def test_compile_option_compiles_the_segmenter_in_place():
-    from rtda.adaptation.base import SegmentationModule
+    from rtda.adaptation.segmentation import SegmentationModule
     from rtda.models.bisenet import BiSeNet
 
     module = SegmentationModule(BiSeNet(4), num_classes=4, compile={"backend": "eager"})
@@ -177,7 +177,7 @@ def test_compile_option_compiles_the_segmenter_in_place():
 def test_bf16_falls_back_to_fp16_on_a_gpu_without_it(monkeypatch):
     from omegaconf import OmegaConf
 
-    from rtda.train import supported_precision
+    from rtda.pipelines.train import supported_precision
 
     gpu = OmegaConf.create({"accelerator": "gpu", "precision": "bf16-mixed"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

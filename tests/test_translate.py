@@ -20,9 +20,9 @@ from rtda.data.gta5 import GTA5
 
 
 def rtda_translate(args, cwd, timeout=600):
-    """``rtda-translate`` as ``python -m rtda.translate`` (works before the console script is installed)."""
+    """``rtda-translate`` as ``python -m rtda.cli.translate`` (works before the console script is installed)."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "rtda.translate", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "rtda.cli.translate", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -86,8 +86,8 @@ def test_fda_translation_is_a_gta5_tree_seeded_resumable_and_multi_process(tiny_
 def test_bad_settings_name_their_key(settings, message):
     from omegaconf import OmegaConf
 
-    from rtda.errors import ConfigValueError
-    from rtda.translate import check_settings
+    from rtda.run.errors import ConfigValueError
+    from rtda.pipelines.translate import check_settings
 
     cfg = OmegaConf.create({"out": "x", "ckpt_path": None, "beta": 0.01, "seed": 0, "size": None, "num_workers": 0, **settings})
     with pytest.raises(ConfigValueError, match=re.escape(message)):

@@ -1,4 +1,4 @@
-"""rtda.viz: the notebooks' figures draw the numbers they are given (bar heights, images, points, colours)."""
+"""rtda.analysis.figures: the notebooks' figures draw the numbers they are given (bar heights, images, points, colours)."""
 
 import math
 
@@ -9,7 +9,8 @@ from matplotlib.collections import PathCollection
 from matplotlib.container import BarContainer, ErrorbarContainer
 from matplotlib.figure import Figure
 
-from rtda import viz
+from rtda.analysis import compare
+from rtda.analysis import figures as viz
 from rtda.data.labels import CLASS_NAMES, TRAIN_ID_PALETTE
 
 
@@ -134,7 +135,7 @@ def test_translation_examples_show_the_generators_output():
     fig = viz.translation_examples(generator, source, n=2, size=(16, 32))
     shown = images(fig)
     assert len(shown) == 4 and shown[0].shape == (16, 32, 3)
-    from rtda.translate import resize_image
+    from rtda.data.render import resize_image
 
     expected = translate_image(generator, torch.from_numpy(resize_image(source.load(0)["image"], (16, 32)).transpose(2, 0, 1).copy())[None])
     np.testing.assert_array_equal(shown[1], expected[0].permute(1, 2, 0).numpy())
@@ -168,13 +169,13 @@ def test_iou_bars_put_the_miou_first_and_leave_absent_classes_out():
     assert segments[0][1][1] - segments[0][0][1] == pytest.approx(4.0)  # ± 2 around the mIoU
 
 
-def test_confusion_matrix_figure_is_row_normalised_and_plot_confusion_matrix_writes_it(tmp_path):
+def test_confusion_matrix_figure_is_row_normalised_and_written_as_a_png(tmp_path):
     cm = torch.tensor([[3, 1, 0], [0, 0, 0], [2, 2, 4]])
     fig = viz.confusion_matrix_figure(cm, ["x", "y", "z"], title="t")
     shown = images(fig)[0]
     np.testing.assert_allclose(shown, [[0.75, 0.25, 0], [0, 0, 0], [0.25, 0.25, 0.5]])
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["50", "75"]  # recall of the classes present
-    viz.plot_confusion_matrix(cm, ["x", "y", "z"], tmp_path / "cm.png")
+    viz.confusion_matrix_figure(cm, ["x", "y", "z"], tmp_path / "cm.png")
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -201,7 +202,7 @@ def test_recovery_is_the_drop_and_the_share_won_back_per_class():
     oracle = _row("o", 60.0, None, {"road": 90.0, "sky": 80.0, "train": None})
     source = _row("s", 30.0, None, {"road": 70.0, "sky": 20.0, "train": 5.0})
     fda = _row("f", 40.0, None, {"road": 60.0, "sky": 50.0, "train": 7.0})
-    rec = viz.recovery(oracle, source, {"FDA": fda}, ["road", "sky", "train"])
+    rec = compare.class_recovery(oracle, source, {"FDA": fda}, ["road", "sky", "train"])
     assert rec["drop"] == [20.0, 60.0, None]
     assert rec["recovered"]["FDA"] == [-10.0, 30.0, 2.0]
     assert rec["mIoU_drop"] == 30.0 and rec["mIoU_recovered"] == {"FDA": 10.0}

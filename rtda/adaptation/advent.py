@@ -15,25 +15,15 @@ normalised to [0, 1]) and the entropy loss is its sum over classes averaged over
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from rtda.adaptation.adversarial import AdversarialModule
-from rtda.adaptation.base import SegmentationModule
+from rtda.adaptation.entropy import entropy_loss, self_information
+from rtda.adaptation.segmentation import SegmentationModule
 from rtda.models.outputs import as_outputs
 
-
-def self_information(prob: torch.Tensor) -> torch.Tensor:
-    """Weighted self-information ``-p * log2(p + 1e-30) / log2(C)`` of an N x C x H x W probability map."""
-    return -prob * torch.log2(prob + 1e-30) / math.log2(prob.shape[1])
-
-
-def entropy_loss(prob: torch.Tensor) -> torch.Tensor:
-    """Normalised entropy of an N x C x H x W probability map, averaged over its N*H*W pixels (a scalar)."""
-    n, _, h, w = prob.shape
-    return self_information(prob).sum() / (n * h * w)
+__all__ = ["AdvEntModule", "MinEntModule", "entropy_loss", "self_information"]  # the last two: contract names
 
 
 class MinEntModule(SegmentationModule):
@@ -58,9 +48,6 @@ class MinEntModule(SegmentationModule):
             parts[f"loss_ent/{level}"] = entropy_loss(F.softmax(logits.float(), dim=1))
             weight = self.hparams.lambda_ent if level == "out" else self.hparams.lambda_ent_levels
             loss = loss + weight * parts[f"loss_ent/{level}"]
-        n = source["image"].shape[0]
-        self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, batch_size=n)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
 

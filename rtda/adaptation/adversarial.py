@@ -29,23 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtda.adaptation.base import SegmentationModule
-from rtda.errors import ConfigValueError
+from rtda.adaptation.gan_losses import SOURCE_LABEL, TARGET_LABEL, gan_loss
+from rtda.adaptation.segmentation import SegmentationModule
 from rtda.models.discriminator import FCDiscriminator
 from rtda.models.outputs import adaptation_levels, as_outputs
-
-SOURCE_LABEL = 0.0
-TARGET_LABEL = 1.0
-
-
-def gan_loss(logits: torch.Tensor, label: float, gan: str = "vanilla") -> torch.Tensor:
-    """The GAN objective on discriminator logits against a constant domain label (0 source, 1 target)."""
-    target = torch.full_like(logits, label)
-    if gan == "vanilla":
-        return F.binary_cross_entropy_with_logits(logits, target)
-    if gan == "ls":
-        return F.mse_loss(logits, target)
-    raise ConfigValueError(f"adaptation.gan={gan!r}: expected vanilla or ls")
+from rtda.run.errors import ConfigValueError
 
 
 class AdversarialModule(SegmentationModule):
@@ -61,6 +49,7 @@ class AdversarialModule(SegmentationModule):
     """
 
     uses_target_images = True
+    learning_rate_options = ("d_lr",)
     # phase (a) leaves D without gradients and phase (b) the segmenter: DDP must not wait for them
     strategy_options = {"find_unused_parameters": True}
 
@@ -124,7 +113,4 @@ class AdversarialModule(SegmentationModule):
 
         losses = {k: v.detach() for k, v in parts.items()}
         losses["loss"] = (loss_seg + loss_adv).detach()
-        n = source["image"].shape[0]
-        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=n)
         return losses

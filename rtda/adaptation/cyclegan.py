@@ -5,7 +5,8 @@ any segmenter and method on it (``data.source.root=<copy>``; Transfer-Learning-L
 
 **No segmenter.** :class:`CycleGANModule` trains two generators (``g_s2t``: source → target, ``g_t2s``) and
 two PatchGAN discriminators (``d_s`` on source-domain images, ``d_t`` on target-domain ones) on unpaired
-source / target images; nothing is segmented. It sets ``has_segmenter = False``, which ``rtda-train`` reads:
+source / target images; nothing is segmented. It is a :class:`rtda.adaptation.base.TrainingModule` that does not train a segmenter (``trains_segmenter``
+is False), which ``rtda-train`` reads:
 it builds no network from the ``model`` group (that group and ``optimizer`` are unused: the translator's
 Adam settings live here), runs no validation or test (the target labels have nothing to score), keeps
 checkpoints every ``trainer.val_check_interval`` iterations without a monitor, and its ``results.json`` lists
@@ -17,7 +18,7 @@ what the run leaves instead of a mIoU: checkpoints, sample translations, the fin
 label on raw PatchGAN scores), λ = 10 (``lambda_A = lambda_B``), λ_idt = 0.5; then discriminators on
 detached fakes drawn through a 50-image :class:`ImagePool` each: ``½·(LS(D_t(t), 1) + LS(D_t(pool_t(fake_t)), 0))``
 and the same for ``D_s``. One iteration = the generators' Adam step, then the discriminators' — two
-optimizers stepped with :meth:`SegmentationModule.step_optimizer`, so ``trainer.max_steps`` and every
+optimizers stepped with :meth:`TrainingModule.step_optimizer`, so ``trainer.max_steps`` and every
 interval count iterations.
 
 **Schedule**: Adam lr 2e-4, betas (0.5, 0.999) for both; the learning rate is constant, then decays linearly
@@ -44,11 +45,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from PIL import Image
 
-from rtda.adaptation.base import SegmentationModule
-from rtda.errors import ConfigValueError
+from rtda.adaptation.base import TrainingModule
+from rtda.adaptation.gan_losses import ls_gan_loss
 from rtda.models.cyclegan import PatchDiscriminator, ResnetGenerator, to_uint8
+from rtda.run.checkpoints import load_checkpoint
+from rtda.run.errors import CheckpointError, ConfigValueError
 
 log = logging.getLogger("rtda")
 
@@ -90,12 +93,6 @@ class ImagePool:
         return torch.stack(out)
 
 
-def ls_gan_loss(scores: torch.Tensor, real: bool) -> torch.Tensor:
-    """LS-GAN (Mao et al., 2017), the authors' ``gan_mode='lsgan'``: mean squared error of the raw scores to 1
-    (real) or 0 (fake)."""
-    return F.mse_loss(scores, torch.full_like(scores, 1.0 if real else 0.0))
-
-
 def linear_decay_lambda(total_iters: int, decay_iters: int):
     """LR factor after ``k`` iterations: 1 for the first ``total − decay`` iterations, then ``1 − (k − start) / decay``,
     0 after the last."""
@@ -107,11 +104,10 @@ def linear_decay_lambda(total_iters: int, decay_iters: int):
     return factor
 
 
-class CycleGANModule(SegmentationModule):
+class CycleGANModule(TrainingModule):
     """Two generators and two discriminators trained on unpaired source and target images (no segmenter).
 
     Args:
-        net: unused (no segmenter); ``rtda-train`` passes None and does not build the ``model`` group.
         ngf, ndf: widths of the generators and the discriminators (64, 64).
         n_blocks: the generators' residual blocks (the authors: 9 for ≥256 px training images, 6 for 128 px).
         n_layers_d: the PatchGAN's stride-2 layers (3: 70×70 patches).
@@ -124,19 +120,22 @@ class CycleGANModule(SegmentationModule):
         num_samples: source images whose translations are saved as ``source | translated | cycled`` rows.
         sample_interval: save them every this many iterations (null: ``trainer.val_check_interval``) and at the end.
         channels_last: NHWC memory format for the four networks and their inputs.
-        Other arguments: :class:`SegmentationModule` (``gradient_clip_val`` applies to both optimizers).
+        gradient_clip_val: clip each optimizer's gradient norm (:class:`rtda.adaptation.base.TrainingModule`).
     """
 
-    has_segmenter = False
     uses_target_images = True
+    picture_options = ("num_samples",)
+    learning_rate_options = ("lr",)
+    checkpoint_hint = ("it is a CycleGAN translator: rtda-translate method=cyclegan ckpt_path={path} out=<folder> "
+                       "writes the translated source")
     # each phase leaves the other phase's networks without gradients: DDP must not wait for them
     strategy_options = {"find_unused_parameters": True}
 
-    def __init__(self, net: nn.Module | None = None, optimizer=None, ngf: int = 64, ndf: int = 64, n_blocks: int = 9,
+    def __init__(self, ngf: int = 64, ndf: int = 64, n_blocks: int = 9,
                  n_layers_d: int = 3, lambda_cycle: float = 10.0, lambda_identity: float = 0.5, pool_size: int = 50,
                  lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999), decay_iters: int | None = None,
                  init_gain: float = 0.02, num_samples: int = 4, sample_interval: int | None = None,
-                 channels_last: bool = False, **kwargs):
+                 channels_last: bool = False, gradient_clip_val: float | None = None):
         for key, value in (("ngf", ngf), ("ndf", ndf), ("n_layers_d", n_layers_d)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigValueError(f"adaptation.{key}={value!r}: expected a positive integer")
@@ -147,7 +146,8 @@ class CycleGANModule(SegmentationModule):
                                    "expected lr > 0 and non-negative weights")
         if decay_iters is not None and (not isinstance(decay_iters, int) or decay_iters < 1):
             raise ConfigValueError(f"adaptation.decay_iters={decay_iters!r}: expected a positive number of iterations or null")
-        super().__init__(None, None, channels_last=channels_last, **kwargs)
+        super().__init__(gradient_clip_val=gradient_clip_val, channels_last=channels_last)
+        self.configure_models()
         self.automatic_optimization = False
         self.pool_s = ImagePool(pool_size)  # fake source-domain images (G_t2s(t)) for D_s
         self.pool_t = ImagePool(pool_size)  # fake target-domain images (G_s2t(s)) for D_t
@@ -164,12 +164,6 @@ class CycleGANModule(SegmentationModule):
         if hp.channels_last:
             for m in (self.g_s2t, self.g_t2s, self.d_s, self.d_t):
                 m.to(memory_format=torch.channels_last)
-
-    def configure_losses(self) -> None:
-        """The losses are functions (:func:`ls_gan_loss`, L1): no segmentation criterion."""
-
-    def configure_metrics(self) -> None:
-        """Nothing to score: no segmenter."""
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Source-domain images in [-1, 1] → their target-style translations in [-1, 1]."""
@@ -220,9 +214,6 @@ class CycleGANModule(SegmentationModule):
         losses = {k: v.detach() for k, v in parts.items()}
         losses["loss_g"], losses["loss_d"] = loss_g.detach(), loss_d.detach()
         losses["loss"] = losses["loss_g"] + losses["loss_d"]
-        n = real_s.shape[0]
-        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=n)
         return losses
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
@@ -291,8 +282,6 @@ class CycleGANModule(SegmentationModule):
         grid = self.sample_panel()
         if grid is None:
             return
-        from PIL import Image
-
         folder = Path(self.trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"translations_step{self.iteration:06d}.png"
@@ -304,13 +293,34 @@ class CycleGANModule(SegmentationModule):
                 logger.log_image(key="train/translations", images=[grid], step=self.global_step,
                                  caption=["source | translated | cycled"])
 
-    def run_summary(self, trainer) -> dict:
-        """What the run leaves, for ``results.json`` (in place of a mIoU)."""
+    def run_results(self, trainer) -> dict:
+        """What the run leaves, for ``results.json`` (in place of a mIoU), and the summary's lines about it."""
         losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-        return {
-            "note": "no segmenter: no mIoU. This run trained a CycleGAN translator; write the translated source with "
-                    "rtda-translate method=cyclegan ckpt_path=<checkpoint> out=<folder>, then train on it with "
-                    "data.source.root=<folder>",
-            "samples": self.sample_files,
-            "final_losses": losses,
-        }
+        note = ("no segmenter: no mIoU. This run trained a CycleGAN translator; write the translated source with "
+                "rtda-translate method=cyclegan ckpt_path=<checkpoint> out=<folder>, then train on it with "
+                "data.source.root=<folder>")
+        summary = [note] + ([f"sample translations: {self.sample_files[-1]}"] if self.sample_files else [])
+        return {"note": note, "summary": summary, "samples": self.sample_files, "final_losses": losses}
+
+
+#: the source → target generator's keys in the module's state dict
+GENERATOR_KEY = "g_s2t."
+
+
+def load_generator(path: str, device: torch.device) -> torch.nn.Module:
+    """The source → target generator of an ``adaptation=cyclegan`` checkpoint (loaded with ``weights_only``)."""
+    ckpt = load_checkpoint(path)
+    state = {k[len(GENERATOR_KEY):]: v for k, v in ckpt["state_dict"].items() if k.startswith(GENERATOR_KEY)}
+    adaptation = ckpt["rtda"]["config"].get("adaptation", {})
+    if not state:
+        method = str(adaptation.get("_target_", "?")).rsplit(".", 1)[-1]
+        raise CheckpointError(f"ckpt_path={path} holds no CycleGAN generator (it was trained by {method}): "
+                              "train a translator with rtda-train adaptation=cyclegan")
+    generator = ResnetGenerator(3, 3, ngf=int(adaptation.get("ngf", 64)), n_blocks=int(adaptation.get("n_blocks", 9)))
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"ckpt_path={path}: its generator weights do not fit the generator its config describes "
+                              f"(ngf {adaptation.get('ngf')}, n_blocks {adaptation.get('n_blocks')}): "
+                              f"{str(err).splitlines()[1].strip()}") from None
+    return generator.to(device).eval()

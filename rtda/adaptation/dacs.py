@@ -57,282 +57,33 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from rtda.adaptation.base import SegmentationModule
-from rtda.adaptation.fda import match_size
+from rtda.adaptation.features import (
+    THING_CLASSES,
+    FeatureTap,
+    default_feature_layer,
+    downscale_label_ratio,
+    masked_feature_distance,
+)
+from rtda.adaptation.mixing import block_mask, class_mix_masks, mix, strong_augment
 from rtda.adaptation.pseudo_labels import DACS_THRESHOLD, WEIGHTINGS, dacs_pseudo_labels
+from rtda.adaptation.segmentation import SegmentationModule
+from rtda.adaptation.spectrum import match_size
+from rtda.adaptation.teacher import EMATeacher, state_digest
 from rtda.data.labels import IGNORE_INDEX
-from rtda.errors import ConfigValueError, RtdaError
-from rtda.models.outputs import as_outputs, main_logits
+from rtda.data.render import colorize, to_rgb
+from rtda.models.outputs import as_outputs
+from rtda.run.errors import ConfigValueError, RtdaError
 
 log = logging.getLogger("rtda")
-
-#: DAFormer's ``imnet_feature_dist_classes``: traffic light, traffic sign, person, rider, car, truck, bus,
-#: train, motorcycle, bicycle (train ids 6, 7, 11-18)
-THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
-
-
-# -- the mean teacher ---------------------------------------------------------------------------------------
-def ema_alpha(k: int, alpha: float) -> float:
-    """DACS's ``min(1 − 1/k, α)`` for the update after the student's k-th optimizer step (k ≥ 1)."""
-    return min(1.0 - 1.0 / max(int(k), 1), float(alpha))
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
-    """``θ_t ← α θ_t + (1 − α) θ_s`` for every parameter and floating-point buffer; integer buffers
-    (``num_batches_tracked``) are copied. The two modules must have the same structure."""
-    t_params, s_params = list(teacher.parameters()), list(student.parameters())
-    t_bufs, s_bufs = list(teacher.buffers()), list(student.buffers())
-    if len(t_params) != len(s_params) or len(t_bufs) != len(s_bufs):
-        raise RuntimeError("the EMA teacher and the student differ in structure")
-    floats_t = t_params + [b for b in t_bufs if b.is_floating_point()]
-    floats_s = [p.detach() for p in s_params] + [b for b in s_bufs if b.is_floating_point()]
-    if floats_t:
-        torch._foreach_mul_(floats_t, alpha)
-        torch._foreach_add_(floats_t, floats_s, alpha=1.0 - alpha)
-    for t, s in zip(t_bufs, s_bufs):
-        if not t.is_floating_point():
-            t.copy_(s)
-
-
-class EMATeacher(nn.Module):
-    """A frozen copy of ``net`` that follows it by exponential moving average (see the module docstring).
-
-    Always in evaluation mode (``train()`` does not switch it), parameters without gradients."""
-
-    def __init__(self, net: nn.Module, alpha: float = 0.99, bn: str = "target_batch"):
-        super().__init__()
-        if not 0.0 <= alpha < 1.0:
-            raise ConfigValueError(f"adaptation.ema_alpha={alpha}: expected a number in [0, 1) (DACS: 0.99, DAFormer: 0.999)")
-        if bn not in ("target_batch", "running"):
-            raise ConfigValueError(f"adaptation.teacher_bn={bn!r}: expected 'target_batch' (the authors') or 'running'")
-        self.net = copy.deepcopy(net)
-        self.net.requires_grad_(False)
-        self.alpha = float(alpha)
-        self.bn = bn
-        super().train(False)
-
-    def train(self, mode: bool = True) -> EMATeacher:  # noqa: ARG002 - the teacher never trains
-        return super().train(False)
-
-    def update(self, student: nn.Module, k: int) -> float:
-        """The update after the student's k-th optimizer step; returns the α used."""
-        alpha = ema_alpha(k, self.alpha)
-        ema_update(self.net, student, alpha)
-        return alpha
-
-    @torch.no_grad()
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """The teacher's main logits of a (normalised) batch, without gradients."""
-        if self.bn == "running":
-            return main_logits(self.net(image))
-        batchnorms = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-                 for m in batchnorms]
-        for m in batchnorms:  # batch statistics, and the running ones left as they are
-            m.train(True)
-            m.momentum = 0.0
-        try:
-            return main_logits(self.net(image))
-        finally:
-            for m, momentum, tracked in saved:
-                m.train(False)
-                m.momentum = momentum
-                if tracked is not None:
-                    m.num_batches_tracked.copy_(tracked)
-
-
-def state_digest(module: nn.Module) -> str:
-    """SHA-1 of a module's state (names, shapes and bytes): equal digests, identical modules."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        t = tensor.detach().cpu().contiguous()
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-# -- ClassMix -----------------------------------------------------------------------------------------------
-def class_mix_masks(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """ClassMix masks of an ``N×H×W`` source label batch: ``N×H×W`` bool, True on the pixels of
-    ``ceil(n/2)`` classes drawn without replacement among the ``n`` distinct values of each label (the ignore
-    value included, as ``trainUDA.py`` draws from ``torch.unique(labels[i])``)."""
-    masks = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-    for i, label in enumerate(labels):
-        classes = torch.unique(label)
-        n = classes.numel()
-        chosen = classes[torch.randperm(n, generator=generator)[: (n + n % 2) // 2].to(classes.device)]
-        masks[i] = torch.isin(label, chosen)
-    return masks
-
-
-def mix(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``source`` where ``mask`` (N×H×W), ``target`` elsewhere; images (N×C×H×W) or label/weight maps (N×H×W)."""
-    if source.ndim == 4:
-        mask = mask[:, None]
-    return torch.where(mask, source, target)
-
-
-# -- DACS's strong augmentation (on the 0-255 images, on the device) --------------------------------------------
-def _rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
-    r, g, b = rgb.unbind(dim=1)
-    maxc, _ = rgb.max(dim=1)
-    minc, _ = rgb.min(dim=1)
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    h = torch.where(maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
-    h = torch.where(delta > 0, h / 6.0, torch.zeros_like(h)) % 1.0
-    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    return torch.stack([h, s, maxc], dim=1)
-
-
-def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    h, s, v = hsv.unbind(dim=1)
-    k = lambda n: (n + h * 6.0) % 6.0  # noqa: E731
-    f = lambda n: v - v * s * torch.clamp(torch.minimum(k(n), 4.0 - k(n)), 0.0, 1.0)  # noqa: E731
-    return torch.stack([f(5.0), f(3.0), f(1.0)], dim=1)
-
-
-def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Colour jitter of ``N×3×H×W`` images in [0, 1], one factor of each kind per image: brightness
-    ``+U(−s, s)``, contrast ``×U(1−s, 1+s)``, saturation ``×U(1−s, 1+s)`` (blend with the grey image), hue
-    rotated by ``U(−s, s)`` of a turn; clipped to [0, 1] after each step."""
-    n, dev = images.shape[0], images.device
-    u = lambda: (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1).to(dev)  # noqa: E731 - U(-1, 1) per image
-    s = float(strength)
-    x = (images + s * u()).clamp(0, 1)
-    x = (x * (1 + s * u())).clamp(0, 1)
-    grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    x = (grey + (x - grey) * (1 + s * u())).clamp(0, 1)
-    hsv = _rgb_to_hsv(x)
-    hsv = torch.cat([(hsv[:, 0:1] + s * u()) % 1.0, hsv[:, 1:]], dim=1)
-    return _hsv_to_rgb(hsv).clamp(0, 1)
-
-
-def blur_kernel_size(side: int) -> int:
-    """``trainUDA``'s kernel: ``floor(ceil(0.1·side) − 0.5 + ceil(0.1·side) % 2)``, an odd number ≈ 10 % of the side."""
-    c = math.ceil(0.1 * side)
-    return max(int(math.floor(c - 0.5 + c % 2)), 1)
-
-
-def _gaussian_kernel1d(size: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
-    """torchvision's 1-D Gaussian: ``exp(-x²/2σ²)`` on ``size`` points centred on 0, normalised to sum 1."""
-    x = torch.linspace(-(size // 2), size // 2, size, dtype=torch.float32, device=like.device)
-    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (pdf / pdf.sum()).to(like.dtype)
-
-
-def gaussian_blur(images: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
-    """Each image of ``N×C×H×W`` blurred with its own σ (reflect padding), kernel from :func:`blur_kernel_size`.
-
-    The same blur as torchvision's ``gaussian_blur`` (the authors' kornia/torchvision 2-D kernel, the outer product
-    of two 1-D ones), run as two 1-D passes: reflect padding acts on each axis on its own, so the result is equal
-    up to float rounding, at ``kx + ky`` instead of ``kx · ky`` multiply-adds a pixel (~10x faster at 512x1024,
-    where the kernel is 51x103)."""
-    ky, kx = blur_kernel_size(images.shape[-2]), blur_kernel_size(images.shape[-1])
-    c, out = images.shape[1], []
-    for i, s in enumerate(sigma):
-        x = images[i:i + 1]
-        gx = _gaussian_kernel1d(kx, float(s), x).view(1, 1, 1, kx).expand(c, 1, 1, kx)
-        gy = _gaussian_kernel1d(ky, float(s), x).view(1, 1, ky, 1).expand(c, 1, ky, 1)
-        x = F.conv2d(F.pad(x, [kx // 2, kx // 2, 0, 0], mode="reflect"), gx, groups=c)
-        out.append(F.conv2d(F.pad(x, [0, 0, ky // 2, ky // 2], mode="reflect"), gy, groups=c))
-    return torch.cat(out)
-
-
-def strong_augment(images: torch.Tensor, jitter_strength: float = 0.25, jitter_p: float = 0.2, blur: bool = True,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """DACS's strong augmentation of ``N×3×H×W`` 0–255 images (float result, 0–255): colour jitter when a
-    draw u ~ U(0, 1) exceeds ``jitter_p``, Gaussian blur (σ ~ U(0.15, 1.15) per image) when another exceeds
-    0.5 — one draw of each per call (per iteration), as the authors' ``strong_parameters``."""
-    x = images.float() / 255.0
-    if jitter_strength > 0 and float(torch.rand(1, generator=generator)) > jitter_p:
-        x = color_jitter(x, jitter_strength, generator)
-    if blur and float(torch.rand(1, generator=generator)) > 0.5:
-        x = gaussian_blur(x, (0.15 + torch.rand(x.shape[0], generator=generator)).tolist())
-    return x * 255.0
-
-
-# -- MIC ----------------------------------------------------------------------------------------------------------
-def block_mask(shape: Sequence[int], block_size: int, ratio: float, device=None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """MIC's ``BlockMaskGenerator``: an ``N×1×H×W`` float mask, 0 on masked blocks. A grid of
-    ``round(H/b) × round(W/b)`` blocks, each kept when u ~ U(0, 1) exceeds ``ratio``, resized (nearest) to H×W."""
-    n, _, h, w = shape
-    grid = torch.rand(n, 1, max(round(h / block_size), 1), max(round(w / block_size), 1), generator=generator)
-    return F.interpolate((grid > ratio).float(), size=(h, w), mode="nearest").to(device)
-
-
-# -- DAFormer's ImageNet feature distance --------------------------------------------------------------------------
-def downscale_label_ratio(label: torch.Tensor, size: Sequence[int], min_ratio: float, num_classes: int,
-                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """DAFormer's ``downscale_label_ratio``: an ``N×H×W`` label pooled to ``size``; each cell takes its majority
-    class when that class covers at least ``min_ratio`` of the cell, else ``ignore_index``. (Adaptive pooling:
-    the same as DAFormer's ``avg_pool2d(kernel=scale)`` when the sides divide.)"""
-    lab = label.clone().long()
-    lab[lab == ignore_index] = num_classes
-    onehot = F.one_hot(lab, num_classes + 1).permute(0, 3, 1, 2).float()
-    ratio, out = F.adaptive_avg_pool2d(onehot, tuple(size)).max(dim=1)
-    out[out == num_classes] = ignore_index
-    out[ratio < min_ratio] = ignore_index
-    return out
-
-
-def masked_feature_distance(student: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the (masked) feature pixels of ``||f_s − f_ref||_2`` across channels; 0 when the mask is empty
-    (DAFormer's mean of nothing would be NaN)."""
-    dist = torch.norm(student.float() - reference.float(), dim=1, p=2)
-    if mask is not None:
-        dist = dist[mask]
-    return dist.mean() if dist.numel() else student.sum() * 0.0
-
-
-class _StopForward(Exception):
-    pass
-
-
-class FeatureTap:
-    """Captures the output of one named submodule of a network during its forward pass; with
-    ``stop=True`` the forward ends right there (the frozen reference needs its backbone only)."""
-
-    def __init__(self, net: nn.Module, name: str, stop: bool = False):
-        modules = dict(net.named_modules())
-        if name not in modules:
-            raise ConfigValueError(f"adaptation.fdist_layer={name!r}: {type(net).__name__} has no such submodule")
-        self.features: torch.Tensor | None = None
-        self.stop = stop
-        self.handle = modules[name].register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        self.features = output
-        if self.stop:
-            raise _StopForward
-
-    def run(self, net: nn.Module, image: torch.Tensor) -> torch.Tensor:
-        try:
-            net(image)
-        except _StopForward:
-            pass
-        return self.features
-
-
-def default_feature_layer(net: nn.Module) -> str:
-    """The last backbone stage: the last submodule named ``layer4`` (ResNet backbones of BiSeNet and DeepLabV2)."""
-    names = [n for n, _ in net.named_modules() if n.split(".")[-1] == "layer4"]
-    if not names:
-        raise ConfigValueError(f"adaptation.fdist_layer: {type(net).__name__} has no 'layer4'; name the feature module")
-    return names[-1]
 
 
 # -- the method ----------------------------------------------------------------------------------------------------
@@ -372,6 +123,7 @@ class DACSModule(SegmentationModule):
     """
 
     uses_target_images = True
+    picture_options = (*SegmentationModule.picture_options, "num_mix_samples")
 
     def __init__(self, *args, ema_alpha: float = 0.99, teacher_bn: str = "target_batch",
                  pseudo_threshold: float = DACS_THRESHOLD, weighting: str = "share",
@@ -383,7 +135,6 @@ class DACSModule(SegmentationModule):
                  fdist_scale_min_ratio: float = 0.75, fdist_layer: str | None = None,
                  fdist_allow_random_init: bool = False, num_mix_samples: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["net", "optimizer"])
         if weighting not in WEIGHTINGS:
             raise ConfigValueError(f"adaptation.weighting={weighting!r}: expected one of {list(WEIGHTINGS)}")
         if not 0.0 <= pseudo_threshold <= 1.0:
@@ -414,10 +165,9 @@ class DACSModule(SegmentationModule):
 
     def on_fit_start(self) -> None:
         """Refuse the feature distance from a random initialisation (its frozen reference would be noise)."""
-        if self.imnet is None or self.hparams.fdist_allow_random_init or self.run_config is None:
+        if self.imnet is None or self.hparams.fdist_allow_random_init:
             return
-        pretrained = self.run_config.get("config", {}).get("model", {}).get("pretrained")
-        if pretrained in (None, False) or str(pretrained).lower() in ("false", "none", "null", ""):
+        if getattr(self.net, "pretrained_weights", None) is None:  # what initialised it (rtda.models.pretrained)
             raise ConfigValueError(
                 "adaptation.fdist_lambda>0 needs model.pretrained=true (or a weights file): the ImageNet feature "
                 "distance pulls the features toward a frozen copy of the ImageNet-initialised network, and from a "
@@ -467,7 +217,6 @@ class DACSModule(SegmentationModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         self.update_teacher()
         source, target = batch["source"], batch["target"]
-        n = source["image"].shape[0]
         hp = self.hparams
         loss_src, parts = self.segmentation_loss(self.net(source["image"]), source["label"])
         losses = {**parts, "loss_src": loss_src}
@@ -507,8 +256,6 @@ class DACSModule(SegmentationModule):
                                                                     pseudo, weight)
             total = total + hp.mask_lambda * losses["loss_masked"]
         losses["loss"] = total
-        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
-        self.log("train/loss", total, prog_bar=True, batch_size=n)
         return losses
 
     # -- DDP check ----------------------------------------------------------------------------------------------
@@ -516,8 +263,6 @@ class DACSModule(SegmentationModule):
         """Under DDP, check that every process holds the same teacher (digests of its state), and write them to
         ``<run>/ema_teacher_check.json``; a mismatch stops the run."""
         super().on_train_end()
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
         digests = [None] * dist.get_world_size()
@@ -534,10 +279,6 @@ class DACSModule(SegmentationModule):
     def save_mix_samples(self, source: torch.Tensor, target: torch.Tensor, mixed: torch.Tensor,
                          label: torch.Tensor) -> None:
         """``source | target | mixed (augmented) | mixed label`` rows as ``<run>/dacs_samples.png`` (and W&B)."""
-        import numpy as np
-
-        from rtda.viz import colorize, to_rgb
-
         n = min(self.hparams.num_mix_samples, source.shape[0])
         rows = [np.concatenate([to_rgb(source[i]), to_rgb(target[i]), to_rgb(mixed[i]),
                                 colorize(label[i].cpu().numpy())], axis=1) for i in range(n)]

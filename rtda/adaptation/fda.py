@@ -35,74 +35,17 @@ serves both here (both are random target training images).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from rtda.adaptation.base import SegmentationModule
-from rtda.errors import ConfigValueError
+from rtda.adaptation.entropy import charbonnier_entropy
+from rtda.adaptation.segmentation import SegmentationModule
+from rtda.adaptation.spectrum import fda_source_to_target, match_size
+from rtda.data.render import to_rgb
 from rtda.models.outputs import main_logits
+from rtda.run.errors import ConfigValueError
 
-
-def fda_window(height: int, width: int, beta: float) -> int:
-    """``b = floor(min(H, W)·β)``: the side of the low-frequency window whose amplitude is swapped."""
-    return int(np.floor(min(height, width) * beta))
-
-
-def fda_source_to_target(src: torch.Tensor, trg: torch.Tensor, beta: float) -> torch.Tensor:
-    """Source images with the target images' low-frequency amplitude: batched ``N×C×H×W``, 0–255 scale.
-
-    Amplitude of rows ``[0:b]`` and ``[H−b:H]`` of the one-sided spectrum's columns ``[0:b]`` from ``trg``,
-    everything else (all phases, the other amplitudes) from ``src``; computed in float32 whatever the input
-    type (an FFT is not safe in half precision). Pairs are matched by batch index; shapes must be equal.
-    """
-    if src.shape != trg.shape or src.ndim != 4:
-        raise ValueError(f"fda_source_to_target needs two N×C×H×W batches of one shape, got {tuple(src.shape)} "
-                         f"and {tuple(trg.shape)}")
-    if not 0.0 <= beta <= 1.0:
-        raise ConfigValueError(f"FDA beta={beta}: expected a fraction in [0, 1] (the authors use 0.01, 0.05, 0.09)")
-    height, width = src.shape[-2:]
-    b = fda_window(height, width, beta)
-    with torch.autocast(device_type=src.device.type, enabled=False):
-        spectrum = torch.fft.rfft2(src.float().contiguous())
-        fft_trg = torch.fft.rfft2(trg.float().contiguous())
-        columns = min(b, spectrum.shape[-1])
-        for rows in (slice(0, b), slice(height - b, height)):  # only the window changes: target amplitude, source phase
-            window = spectrum[..., rows, :columns]
-            spectrum[..., rows, :columns] = torch.polar(fft_trg[..., rows, :columns].abs(), window.angle())
-        return torch.fft.irfft2(spectrum, s=(height, width))
-
-
-def charbonnier_entropy(logits: torch.Tensor, eta: float = 2.0) -> torch.Tensor:
-    """FDA's robust entropy: ``ent = −Σ_c p·log p / ln C`` per pixel, ``mean((ent² + 1e-8)^η)``.
-
-    On the logits as given (their resolution); η > 0.5 down-weights the uncertain pixels' share relative to
-    plain entropy. The authors divide by 2.9444 (ln 19, written out); ln C here."""
-    logits = logits.float()
-    num_classes = logits.shape[1]
-    ent = -(logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1) / math.log(num_classes)
-    return ((ent ** 2 + 1e-8) ** eta).mean()
-
-
-def match_size(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A source batch brought to the target batch's size: a random crop of each sample where it is at least
-    that large in both sides (the authors' random 1024×512 crop of the 1280×720 GTA5 image), otherwise
-    resized (bilinear image, nearest label)."""
-    height, width = size
-    if tuple(image.shape[-2:]) == (height, width):
-        return image, label
-    if image.shape[-2] >= height and image.shape[-1] >= width:
-        tops = torch.randint(0, image.shape[-2] - height + 1, (image.shape[0],)).tolist()
-        lefts = torch.randint(0, image.shape[-1] - width + 1, (image.shape[0],)).tolist()
-        image = torch.stack([im[:, t:t + height, x:x + width] for im, t, x in zip(image, tops, lefts)])
-        label = torch.stack([lb[t:t + height, x:x + width] for lb, t, x in zip(label, tops, lefts)])
-        return image, label
-    resized = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False)
-    image = resized.round().clamp(0, 255).to(image.dtype) if not image.is_floating_point() else resized
-    label = F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].to(label.dtype)
-    return image, label
+__all__ = ["FDAModule", "FDASelfTrainingModule", "charbonnier_entropy", "fda_source_to_target"]  # the last two: contract names
 
 
 class FDAModule(SegmentationModule):
@@ -120,13 +63,13 @@ class FDAModule(SegmentationModule):
     """
 
     uses_target_images = True
+    picture_options = (*SegmentationModule.picture_options, "num_style_samples")
 
     def __init__(self, *args, beta: float = 0.01, lambda_ent: float = 0.005, eta: float = 2.0,
                  switch_to_entropy: int = 50000, num_style_samples: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
         if not 0.0 <= beta <= 1.0:
             raise ConfigValueError(f"adaptation.beta={beta}: expected a fraction in [0, 1] (the authors use 0.01, 0.05, 0.09)")
-        self.save_hyperparameters(ignore=["net", "optimizer"])
 
     def transform_training_batch(self, batch: dict) -> dict:
         """The source batch at the target batch's size, in the target batch's style (0–255, on the device)."""
@@ -145,7 +88,6 @@ class FDAModule(SegmentationModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         source, target = batch["source"], batch["target"]
-        n = source["image"].shape[0]
         loss_seg, parts = self.segmentation_loss(self.net(source["image"]), source["label"])
         losses = {"loss": loss_seg, **parts}
         if self.entropy_on() and self.hparams.lambda_ent > 0:
@@ -155,14 +97,10 @@ class FDAModule(SegmentationModule):
         else:
             with torch.no_grad():  # the authors' target pass before the switch: BatchNorm statistics only
                 self.forward_target(target["image"])
-        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=n)
         return losses
 
     def save_style_samples(self, source: torch.Tensor, target: torch.Tensor, stylised: torch.Tensor) -> None:
         """``source | target style | stylised`` rows as ``<run>/fda_samples.png`` (and W&B), for the notebooks."""
-        from rtda.viz import to_rgb
-
         n = min(self.hparams.num_style_samples, source.shape[0])
         rows = [np.concatenate([to_rgb(source[i]), to_rgb(target[i]), to_rgb(stylised[i])], axis=1) for i in range(n)]
         self.save_training_samples("fda_samples", rows,
@@ -194,7 +132,6 @@ class FDASelfTrainingModule(FDAModule):
         source, target = batch["source"], batch["target"]
         if "label" not in target:
             raise ConfigValueError(self._NO_LABELS)
-        n = source["image"].shape[0]
         loss_src, parts = self.segmentation_loss(self.net(source["image"]), source["label"])
         trg_out = self.forward_target(target["image"])
         loss_trg, trg_parts = self.segmentation_loss(trg_out, target["label"])
@@ -202,6 +139,4 @@ class FDASelfTrainingModule(FDAModule):
         if self.entropy_on() and self.hparams.lambda_ent > 0:
             losses["loss_ent_trg"] = charbonnier_entropy(main_logits(trg_out), self.hparams.eta)
             losses["loss"] = losses["loss"] + self.hparams.lambda_ent * losses["loss_ent_trg"]
-        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=n)
         return losses

@@ -25,17 +25,11 @@ and upsampled nearest) that the Cityscapes reader reads with ``label_root=OUT`` 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
-
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from rtda.data.labels import IGNORE_INDEX
-from rtda.errors import ConfigValueError, RtdaError
+from rtda.run.errors import ConfigValueError
 
 _BINS = 1 << 16  # histogram bins per class: the top 16 bits of a float32
 
@@ -160,85 +154,6 @@ class StreamingThresholds:
         out = label.clone()
         out[below] = IGNORE_INDEX
         return out
-
-
-Prediction = Callable[[torch.Tensor], torch.Tensor]  # normalised N×3×H×W images -> N×C×H×W softmax
-
-
-def write_pseudo_label_tree(predict: Prediction, loader: Iterable[dict], image_paths: Sequence[Path], image_root: Path,
-                            out: Path, split: str, num_classes: int, quantile: float = 0.66, cap: float = 0.9,
-                            progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it) -> dict:
-    """Label every image of ``loader`` (in ``image_paths`` order, no shuffling) into ``out`` as a Cityscapes
-    label tree; returns the manifest (thresholds, class pixel counts, rejected share). ``out`` is written as is:
-    the caller makes it atomic (:func:`rtda.io.build_once`)."""
-    stream = StreamingThresholds(num_classes, quantile, cap)
-
-    def predictions(desc: str):
-        for batch in progress(loader, desc):
-            with torch.no_grad():
-                probs = predict(batch["image"])
-            confidence, label = probs.float().max(dim=1)
-            yield confidence, label
-
-    for confidence, label in predictions("pseudo-labels 1/2: class confidences"):
-        stream.count(confidence, label)
-    stream.locate()
-    held: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # image -> undecided pixels
-    provisional = out / ".provisional"
-    provisional.mkdir(parents=True, exist_ok=True)
-    index, kept, total = 0, 0, 0
-    for confidence, label in predictions("pseudo-labels 2/2: writing"):
-        undecided = stream.undecided(confidence, label)
-        stream.collect(confidence, label, undecided)
-        labels = stream.decided(confidence, label)
-        for i in range(label.shape[0]):
-            if undecided[i].any():
-                where = undecided[i].flatten().nonzero().flatten()
-                held[index] = (where.cpu(), confidence[i].flatten()[where].cpu(), label[i].flatten()[where].cpu())
-                Image.fromarray(labels[i].byte().cpu().numpy()).save(provisional / f"{index}.png")
-            else:
-                kept += _save_label(labels[i], image_paths[index], image_root, out, split)
-            total += labels[i].numel()
-            index += 1
-    if index != len(image_paths):
-        raise RtdaError(f"pseudo-labels: {index} predictions for {len(image_paths)} images")
-    thresholds = stream.thresholds()
-    for i, (where, conf, cls) in held.items():
-        path = provisional / f"{i}.png"
-        labels = torch.from_numpy(np.array(Image.open(path))).long()
-        flat = labels.flatten()
-        flat[where[conf.double() < thresholds[cls]]] = IGNORE_INDEX
-        kept += _save_label(flat.view_as(labels), image_paths[i], image_root, out, split)
-        path.unlink()
-    provisional.rmdir()
-    counts = stream.counts
-    return {"thresholds": thresholds.tolist(), "pixels_per_class": counts.tolist(), "num_images": len(image_paths),
-            "kept_share": kept / max(total, 1)}
-
-
-def _save_label(label: torch.Tensor, image_path: Path, image_root: Path, out: Path, split: str) -> int:
-    """Write one label at its image's own resolution (nearest) under ``out/gtFine/split/CITY/``; returns the
-    number of pixels kept (at the resolution the label was computed)."""
-    kept = int((label != IGNORE_INDEX).sum())
-    with Image.open(image_path) as img:
-        width, height = img.size
-    if tuple(label.shape) != (height, width):
-        label = F.interpolate(label[None, None].float(), size=(height, width), mode="nearest")[0, 0]
-    relative = image_path.relative_to(image_root)
-    name = relative.name.removesuffix("_leftImg8bit.png") + "_gtFine_labelTrainIds.png"
-    target = out / "gtFine" / split / relative.parent / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(label.byte().cpu().numpy()).save(target)  # uint8 HxW: mode L
-    return kept
-
-
-def manifest_matches(out: Path, manifest: dict) -> bool:
-    """True when ``out`` holds a complete tree written with the same inputs (``manifest`` minus results)."""
-    path = out / "pseudo_labels.json"
-    if not path.is_file():
-        return False
-    saved = json.loads(path.read_text())
-    return all(saved.get(k) == v for k, v in manifest.items())
 
 
 # -- self-training with a teacher (DACS, DAFormer, MIC) -------------------------------------------------------

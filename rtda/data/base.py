@@ -11,11 +11,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from rtda.errors import DecodeError
+from rtda.run.errors import DatasetFormatError, DecodeError
 
-
-class DatasetFormatError(FileNotFoundError):
-    """A dataset folder is missing or laid out differently from the format the reader expects."""
+__all__ = ["DatasetFormatError", "DecodeError", "SegmentationFiles", "image_size", "read_label", "read_rgb", "require_dir"]
 
 
 def read_rgb(path: Path) -> np.ndarray:

@@ -14,7 +14,7 @@ palette PNGs or colour PNGs, Cityscapes' label-id PNGs). Reading the copy at the
 gives the same samples, pixel for pixel (tested), so augmentation and methods are unchanged. Validation
 and test sets are not copied: scoring stays at the labels' full resolution (``data.val.root`` unchanged).
 
-Written once and atomically (:func:`rtda.io.build_once`): a ``cache.json`` stamp names the sources and
+Written once and atomically (:func:`rtda.run.files.build_once`): a ``cache.json`` stamp names the sources and
 sizes; the same command again reuses the copy, another size or source rebuilds it. Rare-class sampling
 counts class pixels in the labels it reads: on the copy, scale ``data.rcs_min_pixels`` by the area ratio
 (the command prints it).
@@ -36,7 +36,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from rtda.errors import RtdaError, run_cli  # noqa: E402
+from rtda.data.datamodule import DomainAdaptationDataModule
+from rtda.run import config as rtda_config
+from rtda.run.errors import RtdaError, run_cli  # noqa: E402
+from rtda.run.files import build_once
 
 CACHE_VERSION = 1
 
@@ -95,8 +98,6 @@ def _jobs(dataset, out_root: Path, size) -> list[tuple]:
 def cache_dataset(dataset, out_root: str | Path, size, workers: int = 1) -> bool:
     """Write the resized copy of ``dataset`` (a GTA5 or Cityscapes reader) under ``out_root``; True when built
     now, False when an identical copy was there."""
-    from rtda.io import build_once
-
     out_root = Path(out_root)
     label_root = getattr(dataset, "label_root", None)
     stamp = {"version": CACHE_VERSION, "source": str(Path(dataset.root).resolve()), "size": list(size),
@@ -140,9 +141,6 @@ def cache_training_sets(out: str | Path, overrides: list[str], workers: int = 1)
     at its ``data.<split>_size``. Returns the roots to train from."""
     import hydra
     from hydra import compose, initialize_config_dir
-
-    from rtda import config as rtda_config
-    from rtda.data.datamodule import DomainAdaptationDataModule
 
     with initialize_config_dir(config_dir=str(rtda_config.CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

@@ -27,9 +27,12 @@ import torch
 from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from rtda.data.cityscapes import Cityscapes
+from rtda.data.gta5 import GTA5
 from rtda.data.samplers import ResumableDataLoader, ResumableSampler, SeededSamples, init_worker, mix_seed
+from rtda.data.stats import cached_stats_of
 from rtda.data.transforms import SegmentationTransform
-from rtda.errors import ConfigValueError
+from rtda.run.errors import ConfigValueError
 
 log = logging.getLogger("rtda")
 
@@ -211,10 +214,6 @@ class DomainAdaptationDataModule(pl.LightningDataModule):
     def rare_class_sampler(self) -> RareClassSampler:
         """The source loader's :class:`RareClassSampler`, from the source set's cached class statistics."""
         if self._rcs_sampler is None:
-            from rtda.data.cityscapes import Cityscapes
-            from rtda.data.gta5 import GTA5
-            from rtda.data.stats import cached_stats_of
-
             dataset = self.dataset("source")
             if getattr(dataset, "label_paths", None) is None:
                 raise ConfigValueError("data.rare_class_sampling=true needs a labelled source set")

@@ -32,8 +32,8 @@ import numpy as np
 from PIL import Image
 
 from rtda.data.labels import ID_PALETTE, NAME_TO_ID
-from rtda.errors import run_cli
-from rtda.io import build_once, read_lock, release_read_lock
+from rtda.run.errors import run_cli
+from rtda.run.files import build_once, read_lock, release_read_lock
 
 GENERATOR_VERSION = 2
 _ID = NAME_TO_ID
@@ -439,9 +439,9 @@ def ensure_demo(root: str | Path, **spec_kwargs) -> Path:
     """Generate the demo pair under ``root/{gta5,cityscapes}`` unless an identical one is there.
 
     A ``demo.json`` stamp records the spec and generator version; a different spec regenerates. Built
-    with :func:`rtda.io.build_once`: concurrent runs on a fresh data folder generate it once (the others
+    with :func:`rtda.run.files.build_once`: concurrent runs on a fresh data folder generate it once (the others
     wait and reuse it), and an interrupted generation never leaves half a dataset under ``root``. Inside a run
-    (:func:`rtda.io.holding_read_locks`) the demo it uses is never replaced under it by a run of another spec.
+    (:func:`rtda.run.files.holding_read_locks`) the demo it uses is never replaced under it by a run of another spec.
     """
     root = Path(root)
     spec = DemoSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_kwargs.items()})

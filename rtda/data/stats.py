@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from rtda.data.cityscapes import Cityscapes
 from rtda.data.gta5 import GTA5
 from rtda.data.labels import CLASS_NAMES, NUM_CLASSES
-from rtda.errors import run_cli
-from rtda.io import atomic_write_text
+from rtda.run.errors import run_cli
+from rtda.run.files import atomic_write_text
 
 READERS = {"gta5": GTA5, "cityscapes": Cityscapes}
 

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from rtda.errors import ConfigValueError
 from rtda.models.outputs import SegmentationOutputs
 from rtda.models.pretrained import PretrainedWeightsError, file_state_dict, load_matching, registry_state_dict
+from rtda.run.errors import ConfigValueError
 
 _BACKBONES = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, 256, 512),
@@ -133,12 +133,16 @@ class BiSeNet(nn.Module):
         self.aux_weights = aux_weights
         self.adaptation_levels = tuple(adaptation_levels)
         self._init_head()
+        #: what initialised the backbone (a weights name or file), None for a random initialisation
+        self.pretrained_weights: str | None = None
         if pretrained:
             weights = _BACKBONES[backbone][1]
             if pretrained is True or str(pretrained).lower() in ("true", "imagenet"):
                 self.context_path.load_imagenet(registry_state_dict(weights), str(weights))
+                self.pretrained_weights = str(weights)
             else:
                 self.context_path.load_imagenet(file_state_dict(pretrained), str(pretrained))
+                self.pretrained_weights = str(pretrained)
 
     def _init_head(self) -> None:
         for name, m in self.named_modules():

@@ -42,10 +42,10 @@ from torch import nn
 from torchvision.models import ResNet101_Weights
 
 from rtda.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-from rtda.errors import ConfigValueError
 from rtda.models.frozen_bn import FrozenBatchNorm2d
 from rtda.models.outputs import SegmentationOutputs
 from rtda.models.pretrained import PretrainedWeightsError, file_state_dict, load_matching, registry_state_dict
+from rtda.run.errors import ConfigValueError
 
 #: the per-channel mean (B, G, R, 0-255) the Caffe DeepLab weights were trained with (official loaders' IMG_MEAN)
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
@@ -146,11 +146,15 @@ class DeepLabV2(nn.Module):
                 if isinstance(m, nn.BatchNorm2d):
                     m.weight.requires_grad_(False)
                     m.bias.requires_grad_(False)
+        #: what initialised the backbone (a weights name or file), None for a random initialisation
+        self.pretrained_weights: str | None = None
         if pretrained:
             if from_file:
                 self.load_backbone(state, str(pretrained))
+                self.pretrained_weights = str(pretrained)
             else:
                 self.load_backbone(registry_state_dict(ResNet101_Weights.IMAGENET1K_V1), str(ResNet101_Weights.IMAGENET1K_V1))
+                self.pretrained_weights = str(ResNet101_Weights.IMAGENET1K_V1)
 
     def _classifier_convs(self) -> set:
         heads = [self.classifier] + ([self.aux_classifier] if self.aux_classifier is not None else [])

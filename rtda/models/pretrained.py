@@ -1,7 +1,9 @@
 """Pretrained weights the way users expect: torchvision's weight registry, or a local file.
 
 Nothing is fetched unless the user asked for ``pretrained=true``; when the registry cannot be reached
-the error says which file to download and how to pass it.
+the error says which file to download and how to pass it. A network records what initialised it in its
+``pretrained_weights`` attribute (a weights name or file; None: random initialisation), which methods read
+(DACS's feature distance refuses a random reference).
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rtda.run.errors import PretrainedWeightsError
 
-class PretrainedWeightsError(RuntimeError):
-    pass
+__all__ = ["PretrainedWeightsError", "file_state_dict", "load_matching", "registry_state_dict"]
 
 
 def registry_state_dict(weights) -> dict:

@@ -16,7 +16,8 @@ import hydra
 import torch
 from torch import nn
 
-from rtda.errors import CheckpointError
+from rtda.run.errors import CheckpointError, disk_full_error, no_space_left
+from rtda.run.files import atomic_write
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -48,15 +49,18 @@ def describe_net(model_cfg: dict) -> str:
 
 def build_net(ckpt: dict, path: str | Path = "checkpoint") -> nn.Module:
     """The checkpoint's network, as its run configured it, with its trained weights."""
+    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    if not state:  # a method without a segmenter (CycleGAN's translator): what to do with it, as it declares
+        target = str(ckpt["rtda"]["config"].get("adaptation", {}).get("_target_", "?"))
+        try:
+            hint = getattr(hydra.utils.get_class(target), "checkpoint_hint", "")
+        except Exception:  # noqa: BLE001 -- a method that no longer imports: no hint
+            hint = ""
+        hint = f"; {hint.format(path=path)}" if hint else ""
+        raise CheckpointError(f"{path} holds no segmentation network (trained by {target.rsplit('.', 1)[-1]}){hint}")
     model_cfg = dict(ckpt["rtda"]["config"]["model"])
     model_cfg["pretrained"] = False  # the checkpoint holds the weights; fetch nothing
     net = hydra.utils.instantiate(model_cfg)
-    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    if not state:  # a method without a segmenter (CycleGAN's translator)
-        method = str(ckpt["rtda"]["config"].get("adaptation", {}).get("_target_", "?")).rsplit(".", 1)[-1]
-        hint = (f"; it is a CycleGAN translator: rtda-translate method=cyclegan ckpt_path={path} out=<folder>"
-                if any(k.startswith("g_s2t.") for k in ckpt["state_dict"]) else "")
-        raise CheckpointError(f"{path} holds no segmentation network (trained by {method}){hint}")
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
@@ -99,7 +103,7 @@ def _checkpoint_io_base():
 
 class AtomicCheckpointIO(_checkpoint_io_base()):
     """Lightning's checkpoint writer, made whole-or-nothing on a local disk: ``torch.save`` into a temporary file
-    beside the checkpoint, renamed over it once complete (:func:`rtda.io.atomic_write`). A full disk leaves no
+    beside the checkpoint, renamed over it once complete (:func:`rtda.run.files.atomic_write`). A full disk leaves no
     partial file in ``checkpoints/`` (``ckpt_path=auto`` would otherwise find a truncated ``last.ckpt``) and stops
     the run with one line naming the folder, instead of a traceback. Remote paths (``s3://``…) go to Lightning's
     own writer."""
@@ -107,8 +111,6 @@ class AtomicCheckpointIO(_checkpoint_io_base()):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        from rtda.errors import disk_full_error, no_space_left
-        from rtda.io import atomic_write
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

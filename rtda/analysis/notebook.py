@@ -4,10 +4,10 @@ Each notebook's parameters cell names a data folder and an outputs folder; these
 (the built-in demo, finished ``rtda-train`` runs, ``rtda-bench`` results) and, when something is missing,
 make it the way a user would on the command line (the demo generated, a short ``rtda-train`` run, an
 ``rtda-bench`` row), so a notebook opened with its defaults shows pictures without a line of code read.
-Plots live in :mod:`rtda.viz`; the run table in :mod:`rtda.compare`.
+Plots live in :mod:`rtda.analysis.figures`; the run table in :mod:`rtda.analysis.compare`.
 
 A run is chosen by a *spec*: the ``key=value`` tokens of its command line that matter (``"data=demo
-adaptation=fda"``). A finished run matches when its setting (:func:`rtda.compare.load_run`: config-group
+adaptation=fda"``). A finished run matches when its setting (:func:`rtda.analysis.compare.load_run`: config-group
 choices and value overrides) holds every token; a run made for a spec is trained with exactly those tokens
 (plus the notebook's budget overrides).
 """
@@ -22,7 +22,17 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from rtda.errors import RtdaError
+from rtda.adaptation.cyclegan import load_generator
+from rtda.adaptation.segmenter import segmenter_module
+from rtda.analysis.compare import class_names, class_recovery, load_run, load_runs
+from rtda.data.cityscapes import Cityscapes
+from rtda.data.demo import ensure_demo
+from rtda.data.gta5 import GTA5
+from rtda.data.render import spread_index
+from rtda.data.stats import cached_class_stats
+from rtda.data.transforms import SegmentationTransform
+from rtda.run.checkpoints import load_checkpoint
+from rtda.run.errors import RtdaError
 
 
 def resolve(path: str | Path) -> Path:
@@ -38,32 +48,24 @@ def demo_root(data_dir: str | Path = "data") -> Path:
     ``rtda-train`` does, ~20 s); a demo already there, of any spec, is read as it is."""
     demo = resolve(data_dir) / "demo"
     if not (demo / "demo.json").is_file():
-        from rtda.data.demo import ensure_demo
-
         ensure_demo(demo)
     return demo
 
 
 def source_domain(data_dir: str | Path = "data", root: str | Path | None = None):
     """The labelled source domain: the GTA5 reader of ``root`` (real GTA5: ``data/gta5``), by default the demo's."""
-    from rtda.data.gta5 import GTA5
-
     return GTA5(resolve(root) if root is not None else demo_root(data_dir) / "gta5")
 
 
 def target_domain(data_dir: str | Path = "data", root: str | Path | None = None, split: str = "val"):
     """The target domain's labelled ``split``: the Cityscapes reader of ``root`` (real Cityscapes:
     ``data/cityscapes``), by default the demo's."""
-    from rtda.data.cityscapes import Cityscapes
-
     return Cityscapes(resolve(root) if root is not None else demo_root(data_dir) / "cityscapes", split=split)
 
 
 def class_stats(source, target, target_split: str = "train") -> dict:
     """Per-class pixel statistics of the source and of the target's ``target_split`` (what adaptation trains
     on), from :func:`rtda.data.stats.cached_class_stats` (cached next to the data)."""
-    from rtda.data.stats import cached_class_stats
-
     return {"source": cached_class_stats("gta5", source.root, "all"),
             "target": cached_class_stats("cityscapes", target.root, target_split)}
 
@@ -83,7 +85,7 @@ def parse_spec(spec: str | Sequence[str]) -> dict:
 
 
 def matches(run: dict, spec: str | Sequence[str]) -> bool:
-    """Whether a run (:func:`rtda.compare.load_run`) or a summary row (``setting``) holds every token of ``spec``."""
+    """Whether a run (:func:`rtda.analysis.compare.load_run`) or a summary row (``setting``) holds every token of ``spec``."""
     setting = run["setting"]
     return all(setting.get(k) == v for k, v in parse_spec(spec).items())
 
@@ -98,8 +100,6 @@ def _mtime(run: dict) -> float:
 def find_runs(paths, spec: str | Sequence[str] | None = None, scored: bool = True) -> list[dict]:
     """Completed runs under ``paths`` (folders; missing ones skipped) that match ``spec``, newest first;
     ``scored``: only runs with target test scores (a segmenter; CycleGAN's translator has none)."""
-    from rtda.compare import load_runs
-
     paths = [p for p in ([paths] if isinstance(paths, (str, Path)) else paths) if Path(p).exists()]
     found = []
     for path in paths:
@@ -119,10 +119,8 @@ def _slug(text: str) -> str:
 def train(spec: str | Sequence[str], outputs: str | Path, overrides: Sequence[str] = (), name: str | None = None,
           data_dir: str | Path | None = None) -> dict:
     """One ``rtda-train`` run of ``spec`` + ``overrides`` into ``outputs/train/runs/<name>``; returns the finished
-    run (:func:`rtda.compare.load_run`). Its output is kept in ``<run>/notebook.log``; a failure raises with its
+    run (:func:`rtda.analysis.compare.load_run`). Its output is kept in ``<run>/notebook.log``; a failure raises with its
     last lines."""
-    from rtda.compare import load_run
-
     outputs = resolve(outputs)
     tokens = spec.split() if isinstance(spec, str) else list(spec)
     name = _slug(name or "nb_" + "_".join(tokens))
@@ -131,7 +129,7 @@ def train(spec: str | Sequence[str], outputs: str | Path, overrides: Sequence[st
         args.append(f"paths.data_dir={resolve(data_dir)}")
     print(f"rtda-train {' '.join(args)}", flush=True)
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-    proc = subprocess.run([sys.executable, "-m", "rtda.train", *args], cwd=outputs.parent if outputs.parent.is_dir() else None,
+    proc = subprocess.run([sys.executable, "-m", "rtda.cli.train", *args], cwd=outputs.parent if outputs.parent.is_dir() else None,
                           capture_output=True, text=True, env=env)
     run_dir = outputs / "train" / "runs" / name
     if run_dir.is_dir():
@@ -178,13 +176,10 @@ def load_segmenter(run_or_checkpoint):
     the resolution (H, W) its run predicted at (``data.eval_size``)."""
     from omegaconf import OmegaConf
 
-    from rtda.checkpoints import load_checkpoint
-    from rtda.evaluate import load_module
-
     path = checkpoint_of(run_or_checkpoint) if isinstance(run_or_checkpoint, dict) else resolve(run_or_checkpoint)
     config = load_checkpoint(path)["rtda"]["config"]
     data = config.get("data", {})
-    _, module = load_module(OmegaConf.create({"ckpt_path": str(path), "data": {"num_classes": data.get("num_classes", 19)}}))
+    _, module = segmenter_module(OmegaConf.create({"ckpt_path": str(path), "data": {"num_classes": data.get("num_classes", 19)}}))
     size = data.get("eval_size") or data.get("target_size")
     return module.eval(), (tuple(size) if size else None)
 
@@ -196,12 +191,9 @@ def predict(models: Mapping, dataset, n: int = 3) -> list[dict]:
     ``image``, ``label`` (train ids), ``name``, ``preds`` {label: HxW train ids}."""
     import torch
 
-    from rtda.data.transforms import SegmentationTransform
-    from rtda.viz import _spread
-
     samples = []
     for k in range(min(n, len(dataset))):
-        raw = dataset.load(_spread(k, n, len(dataset)))
+        raw = dataset.load(spread_index(k, n, len(dataset)))
         preds = {}
         for label, (module, size) in models.items():
             image = SegmentationTransform(size)(raw["image"])["image"][None]
@@ -217,10 +209,8 @@ def predict(models: Mapping, dataset, n: int = 3) -> list[dict]:
 def cyclegan_generator(outputs: str | Path = "outputs", spec: str = "adaptation=cyclegan", overrides: Sequence[str] = (),
                        data_dir: str | Path | None = None, make: bool = True):
     """The source→target generator of the newest CycleGAN translator run under ``outputs`` (trained now with
-    ``overrides`` when there is none and ``make``), loaded by :func:`rtda.translate.load_generator`; None
+    ``overrides`` when there is none and ``make``), loaded by :func:`rtda.adaptation.cyclegan.load_generator`; None
     when there is none to show."""
-    from rtda.translate import load_generator
-
     runs = find_runs([resolve(outputs)], spec, scored=False)
     runs = [r for r in runs if (Path(r["run_dir"]) / "checkpoints" / "last.ckpt").is_file()]
     if not runs:
@@ -239,7 +229,7 @@ def _cpu():
 # -- results ------------------------------------------------------------------------------------------------
 
 def select_rows(rows: Sequence[dict], specs: Mapping[str, str]) -> list[dict]:
-    """The summary rows (:func:`rtda.compare.summarize`) that match one of ``specs`` ({label: spec}), in the
+    """The summary rows (:func:`rtda.analysis.compare.summarize`) that match one of ``specs`` ({label: spec}), in the
     order of ``specs``, each with its ``label`` added (the first matching spec names a row; a second row under
     the same label is told apart by its group)."""
     picked: dict[str, list[dict]] = {label: [] for label in specs}
@@ -256,17 +246,14 @@ def select_rows(rows: Sequence[dict], specs: Mapping[str, str]) -> list[dict]:
 
 
 def recovery(rows: Sequence[dict], oracle: str, source_only: str) -> dict:
-    """:func:`rtda.viz.recovery` of the labelled rows (:func:`select_rows`): the drop from the ``oracle`` row
+    """:func:`rtda.analysis.compare.class_recovery` of the labelled rows (:func:`select_rows`): the drop from the ``oracle`` row
     (trained on the target's labels) to the ``source_only`` row, per class, and what every other row recovers."""
-    from rtda.compare import class_names
-    from rtda.viz import recovery as per_class
-
     by_label = {r["label"]: r for r in rows}
     for name in (oracle, source_only):
         if name not in by_label:
             raise RtdaError(f"no finished run for {name!r}: the settings found are {sorted(by_label)}")
     methods = {k: v for k, v in by_label.items() if k not in (oracle, source_only)}
-    return per_class(by_label[oracle], by_label[source_only], methods, class_names(rows))
+    return class_recovery(by_label[oracle], by_label[source_only], methods, class_names(rows))
 
 
 def seed_table(rows: Sequence[dict], runs: Sequence[dict]) -> str:
@@ -288,7 +275,7 @@ def seed_table(rows: Sequence[dict], runs: Sequence[dict]) -> str:
 
 
 def iou_of(runs: Mapping[str, dict]) -> dict:
-    """{label: {"mIoU": %, class: IoU %}} of runs (:func:`rtda.compare.load_run`): each run's own target test
+    """{label: {"mIoU": %, class: IoU %}} of runs (:func:`rtda.analysis.compare.load_run`): each run's own target test
     (``rtda-train``'s test over the whole split)."""
     return {label: {"mIoU": None if run["mIoU"] is None else 100.0 * run["mIoU"],
                     **{k: (None if v is None else 100.0 * v) for k, v in run["IoU"].items()}}
@@ -328,7 +315,7 @@ def bench_rows(paths, models: Sequence[str], size: Sequence[int] = (512, 1024), 
                 f"paths.log_dir={resolve(outputs)}", f"hydra.run.dir={resolve(outputs) / 'bench' / 'runs' / _slug('nb_' + model + wanted)}",
                 *overrides]
         print(f"rtda-bench {' '.join(args)}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "rtda.bench", *args], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "rtda.cli.bench", *args], capture_output=True, text=True,
                               env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
         if proc.returncode != 0:
             raise RtdaError(f"rtda-bench {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -340,7 +327,7 @@ def bench_rows(paths, models: Sequence[str], size: Sequence[int] = (512, 1024), 
 
 
 def speed_points(rows: Sequence[dict], speeds: Mapping[str, dict], default_model: str = "bisenet_r18") -> list[dict]:
-    """The points of :func:`rtda.viz.accuracy_vs_fps`: each summary row's mIoU ± std at its network's FPS
+    """The points of :func:`rtda.analysis.figures.accuracy_vs_fps`: each summary row's mIoU ± std at its network's FPS
     (``speeds``: :func:`bench_rows`)."""
     points = []
     for row in rows:

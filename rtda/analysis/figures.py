@@ -12,67 +12,12 @@ import textwrap
 
 import numpy as np
 import torch
+from PIL import Image
 
+from rtda.adaptation.fda import fda_source_to_target
 from rtda.data.labels import TRAIN_ID_PALETTE
-
-
-def colorize(train_ids: torch.Tensor | np.ndarray) -> np.ndarray:
-    """HxW train ids -> HxWx3 uint8 in the Cityscapes colours (ignore = black)."""
-    if isinstance(train_ids, torch.Tensor):
-        train_ids = train_ids.detach().cpu().numpy()
-    return TRAIN_ID_PALETTE[np.asarray(train_ids).clip(0, 255).astype(np.uint8)]
-
-
-def denormalize(image: torch.Tensor) -> np.ndarray:
-    """3xHxW ImageNet-normalised tensor (or a uint8 one, as the data loaders deliver) -> HxWx3 uint8."""
-    if image.dtype == torch.uint8:
-        return image.permute(1, 2, 0).cpu().numpy()
-    from rtda.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
-    rgb = (image.float() * std + mean).clamp(0, 1).mul(255).byte()
-    return rgb.permute(1, 2, 0).cpu().numpy()
-
-
-def to_rgb(image: torch.Tensor) -> np.ndarray:
-    """3xHxW image on the 0-255 scale (uint8 or float, e.g. FDA's unclipped output) -> HxWx3 uint8."""
-    return image.detach().float().clamp(0, 255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    return (image * (1 - alpha) + colorize(train_ids) * alpha).astype(np.uint8)
-
-
-def _fit(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if a.shape[:2] == shape:
-        return a
-    rows = np.linspace(0, a.shape[0] - 1, shape[0]).round().astype(int)
-    cols = np.linspace(0, a.shape[1] - 1, shape[1]).round().astype(int)
-    return a[rows][:, cols]
-
-
-def prediction_panel(image: torch.Tensor, label: torch.Tensor | None, pred: torch.Tensor) -> np.ndarray:
-    """One row: input image | ground truth | prediction, all at the prediction's resolution."""
-    pred_rgb = colorize(pred)
-    shape = pred_rgb.shape[:2]
-    parts = [_fit(denormalize(image), shape)]
-    if label is not None:
-        parts.append(_fit(colorize(label), shape))
-    parts.append(pred_rgb)
-    return np.concatenate(parts, axis=1)
-
-
-def save_rgb(rgb: np.ndarray, path) -> None:
-    from PIL import Image
-
-    Image.fromarray(np.ascontiguousarray(rgb)).save(path)
-
-
-def plot_confusion_matrix(confmat: torch.Tensor, class_names, path) -> None:
-    """Row-normalised confusion matrix (rows: ground truth) as a PNG, with per-class recall on the diagonal."""
-    confusion_matrix_figure(confmat, class_names, path)
-
+from rtda.data.render import colorize, resize_image, spread_index, to_rgb
+from rtda.models.cyclegan import translate_image
 
 # ---------------------------------------------------------------------------------------------------------
 # Figures for the notebooks (notebooks/*.ipynb). Each returns a matplotlib Figure built without pyplot (no
@@ -153,15 +98,10 @@ def domain_samples(source, target, n: int = 3, path=None):
     target label (datasets with ``load(i)`` -> {"image", "label"}, as rtda's GTA5 and Cityscapes readers)."""
     rows = []
     for k in range(n):
-        s = source.load(_spread(k, n, len(source)))
-        t = target.load(_spread(k, n, len(target)))
+        s = source.load(spread_index(k, n, len(source)))
+        t = target.load(spread_index(k, n, len(target)))
         rows.append([s["image"], s["label"], t["image"], t["label"]])
     return image_grid(rows, ["source", "source labels", "target", "target labels"], path=path)
-
-
-def _spread(k: int, n: int, length: int) -> int:
-    """The k-th of n indices spread evenly over a dataset of ``length`` samples."""
-    return int(round(k * (length - 1) / max(n - 1, 1))) if n > 1 else 0
 
 
 def class_frequencies(stats: dict, class_names, path=None, log: bool = True):
@@ -200,7 +140,7 @@ def image_statistics(dataset, n: int | None = 50, size: tuple[int, int] = (128, 
     hist = np.zeros(bins)
     spectrum = np.zeros(size)
     for k in range(count):
-        image = dataset.load(_spread(k, count, len(dataset)))["image"]
+        image = dataset.load(spread_index(k, count, len(dataset)))["image"]
         flat = image.reshape(-1, 3).astype(np.float64)
         rgb_sum += flat.sum(0)
         pixels += len(flat)
@@ -274,10 +214,6 @@ def fda_stylise(source: np.ndarray, target: np.ndarray, betas) -> list[np.ndarra
     """The source image (HxWx3 uint8) in the target image's low-frequency amplitude, one per β, by
     :func:`rtda.adaptation.fda.fda_source_to_target` (the target is first resized to the source's size:
     FDA swaps spectra of equal sizes)."""
-    from PIL import Image
-
-    from rtda.adaptation.fda import fda_source_to_target
-
     if target.shape[:2] != source.shape[:2]:
         target = np.asarray(Image.fromarray(target).resize((source.shape[1], source.shape[0]), Image.BILINEAR))
     src = torch.from_numpy(np.ascontiguousarray(source.transpose(2, 0, 1)))[None].float()
@@ -290,8 +226,8 @@ def fda_examples(source, target, betas=(0.01, 0.05, 0.09), n: int = 2, path=None
     style for each β (the side of the swapped low-frequency window is β·min(H, W))."""
     rows, labels = [], []
     for k in range(n):
-        s = source.load(_spread(k, n, len(source)))
-        t = target.load(_spread(n - 1 - k, n, len(target)))
+        s = source.load(spread_index(k, n, len(source)))
+        t = target.load(spread_index(n - 1 - k, n, len(target)))
         rows.append([s["image"], t["image"], *fda_stylise(s["image"], t["image"], betas)])
         labels.append(s["name"])
     return image_grid(rows, ["source", "target (style)", *(f"FDA β={b}" for b in betas)], labels, path)
@@ -299,14 +235,11 @@ def fda_examples(source, target, betas=(0.01, 0.05, 0.09), n: int = 2, path=None
 
 def translation_examples(generator, source, n: int = 3, size: tuple[int, int] | None = None, path=None):
     """A CycleGAN translator's work: source image | the same image translated to the target domain
-    (``generator``: :func:`rtda.translate.load_generator`), at ``size`` (H, W) when given."""
-    from rtda.models.cyclegan import translate_image
-    from rtda.translate import resize_image
-
+    (``generator``: :func:`rtda.pipelines.translate.load_generator`), at ``size`` (H, W) when given."""
     rows, labels = [], []
     device = next(generator.parameters()).device
     for k in range(n):
-        s = source.load(_spread(k, n, len(source)))
+        s = source.load(spread_index(k, n, len(source)))
         image = resize_image(s["image"], size) if size is not None else s["image"]
         batch = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device)
         rows.append([image, translate_image(generator, batch)[0].permute(1, 2, 0).cpu().numpy()])
@@ -340,7 +273,7 @@ def gain_map(label: np.ndarray, baseline: np.ndarray, pred: np.ndarray) -> np.nd
 
 def prediction_grid(samples, path=None):
     """Each row one target image: image | ground truth | every method's prediction. ``samples``: a list of
-    ``{"image", "label", "name", "preds": {method: HxW train ids}}`` (:func:`rtda.notebook.predict`)."""
+    ``{"image", "label", "name", "preds": {method: HxW train ids}}`` (:func:`rtda.analysis.notebook.predict`)."""
     methods = list(samples[0]["preds"])
     rows = [[s["image"], s["label"], *(s["preds"][m] for m in methods)] for s in samples]
     return image_grid(rows, ["target image", "ground truth", *methods], [s["name"] for s in samples], path)
@@ -417,8 +350,8 @@ def confusion_matrix_figure(confmat, class_names, path=None, title: str | None =
 
 
 def miou_bars(rows, runs=(), path=None):
-    """Target mIoU (%) per group of :func:`rtda.compare.summarize`: the mean over seeds as a bar, ± the std as
-    an error bar, each seed's run as a dot (``runs``: :func:`rtda.compare.load_runs`); a row's ``label`` (else
+    """Target mIoU (%) per group of :func:`rtda.analysis.compare.summarize`: the mean over seeds as a bar, ± the std as
+    an error bar, each seed's run as a dot (``runs``: :func:`rtda.analysis.compare.load_runs`); a row's ``label`` (else
     its ``group``) names it."""
     fig = _figure(max(5, 1.3 * len(rows) + 2), 4)
     ax = fig.subplots()
@@ -438,25 +371,6 @@ def miou_bars(rows, runs=(), path=None):
     if runs:
         ax.legend(fontsize="small")
     return _done(fig, path)
-
-
-def recovery(oracle: dict, source_only: dict, methods: dict, class_names) -> dict:
-    """Per class (IoU in %, from :func:`rtda.compare.summarize` rows): ``drop`` = target-trained − source-only,
-    and for each method ``recovered`` = method − source-only (None where a class has no score)."""
-    def get(row, name):
-        v = row.get(f"IoU/{name}")
-        return None if v is None or v != v else float(v)
-
-    out = {"classes": list(class_names), "drop": [], "recovered": {m: [] for m in methods}}
-    for name in class_names:
-        o, s = get(oracle, name), get(source_only, name)
-        out["drop"].append(None if o is None or s is None else o - s)
-        for m, row in methods.items():
-            v = get(row, name)
-            out["recovered"][m].append(None if v is None or s is None else v - s)
-    out["mIoU_drop"] = oracle["mIoU"] - source_only["mIoU"]
-    out["mIoU_recovered"] = {m: row["mIoU"] - source_only["mIoU"] for m, row in methods.items()}
-    return out
 
 
 def recovery_bars(rec: dict, path=None):

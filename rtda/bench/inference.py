@@ -21,7 +21,6 @@ import copy
 import csv
 import json
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,16 +30,18 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from rtda import config as rtda_config
-from rtda.complexity import (
+from rtda.adaptation.segmentation import SegmentationModule
+from rtda.bench.complexity import (
     count_flops,
     count_parameters,
     measure_interleaved,
     onnxruntime_matmul_gflops,
     torch_matmul_gflops,
 )
-from rtda.errors import ConfigValueError, exit_on_user_error, run_cli
-from rtda.io import check_writable
+from rtda.bench.data import DATA_COLUMNS
+from rtda.bench.training import TRAIN_COLUMNS
+from rtda.run.checkpoints import build_net, load_checkpoint
+from rtda.run.errors import ConfigValueError
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 COLUMNS = ["model", "variant", "device", "precision", "input", "params_M", "GFLOPs", "GMACs", "median_ms", "p90_ms",
@@ -117,8 +118,6 @@ def _variant(variant, net, module, model_cfg, example, device, precision, thread
 
 
 def benchmark(cfg: DictConfig) -> list[dict]:
-    from rtda.adaptation.base import SegmentationModule
-
     b = cfg.bench
     device = torch.device(b.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -129,7 +128,6 @@ def benchmark(cfg: DictConfig) -> list[dict]:
         torch.set_num_threads(int(b.threads))
     threads = torch.get_num_threads()
     if b.get("ckpt_path"):  # the segmenter of any method's checkpoint (weights_only), as its run configured it
-        from rtda.checkpoints import build_net, load_checkpoint
 
         ckpt = load_checkpoint(b.ckpt_path)
         model_cfg = {**ckpt["rtda"]["config"]["model"], "pretrained": False}
@@ -184,13 +182,13 @@ def benchmark(cfg: DictConfig) -> list[dict]:
     for r in rows:
         if plain and "median_ms" in r:
             r["vs_plain"] = r["median_ms"] / plain["median_ms"]
-    machine = _machine(cfg, ceilings)
+    record = machine_record(cfg, ceilings)
     for r in rows:
-        r["machine"] = machine
+        r["machine"] = record
     return rows
 
 
-def _machine(cfg: DictConfig, ceilings: dict | None = None) -> dict:
+def machine_record(cfg: DictConfig, ceilings: dict | None = None) -> dict:
     device = torch.device(cfg.bench.device)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
@@ -232,9 +230,6 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 def _columns(rows: list[dict]) -> list[str]:
     """The table's columns for the kind of rows (inference, training or data pipeline)."""
-    from rtda.bench_data import DATA_COLUMNS
-    from rtda.bench_train import TRAIN_COLUMNS
-
     kinds = {r.get("mode", "infer") for r in rows}
     if kinds == {"train"}:
         return TRAIN_COLUMNS
@@ -289,47 +284,3 @@ class ComparisonTable(Callback):
         if rows:
             write_rows(rows, sweep, "comparison")
             print(f"\nrtda-bench comparison ({machine_line(rows)})\n{format_tables(rows)}\nwritten to {sweep / 'comparison.csv'}")
-
-
-@hydra.main(version_base="1.3", config_path=str(rtda_config.CONFIG_DIR), config_name="bench")
-@exit_on_user_error
-@rtda_config.closes_wandb
-def _hydra_main(cfg: DictConfig) -> float:
-    rtda_config.check_values(cfg)
-    check_writable(cfg.paths.output_dir, "the benchmark's results")
-    mode = cfg.bench.get("mode", "infer")
-    if mode == "train":
-        from rtda.bench_train import train_benchmark
-
-        rows = train_benchmark(cfg)
-    elif mode == "data":
-        from rtda.bench_data import data_benchmark
-
-        rows = data_benchmark(cfg)
-    elif mode == "infer":
-        rows = benchmark(cfg)
-    else:
-        raise ConfigValueError(f"bench.mode={mode!r}: expected infer, train or data")
-    for r in rows:
-        r.setdefault("mode", mode)
-        r.setdefault("machine", _machine(cfg))
-    folder = Path(cfg.paths.output_dir)
-    write_rows(rows, folder)
-    print(f"\nrtda-bench ({machine_line(rows)})\n{format_tables(rows)}\nwritten to {folder / 'bench.csv'}")
-    eager = next((r for r in rows if r.get("variant") in ("eager", "lightning") and ("median_ms" in r or "median_s" in r)), rows[0])
-    return eager.get("median_ms", eager.get("median_s", float("nan")))
-
-
-def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--collect":  # one table of the bench.json files below a folder
-        rows = collect(sys.argv[2])
-        if not rows:
-            raise SystemExit(f"rtda: error: no bench.json below {sys.argv[2]}")
-        write_rows(rows, Path(sys.argv[2]), "comparison")
-        print(f"{machine_line(rows)}\n{format_tables(rows)}")
-        return
-    run_cli(_hydra_main)
-
-
-if __name__ == "__main__":
-    main()

@@ -51,15 +51,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.flop_counter import FlopCounterMode
 
-from rtda.errors import ConfigValueError, TrainingDiverged
+from rtda.adaptation.base import build_method, method_class, poly_lambda, trains_segmenter
+from rtda.data.normalization import normalize
+from rtda.models.frozen_bn import FrozenBatchNorm2d
+from rtda.models.outputs import as_outputs
+from rtda.run.errors import ConfigValueError, TrainingDiverged, one_line
 
 log = logging.getLogger("rtda")
 
 #: bench.precision -> Lightning's trainer.precision
 LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 #: method options that save pictures or log images: off while timing
-QUIET = {"num_log_images": 0, "num_style_samples": 0, "num_mix_samples": 0, "num_samples": 0}
-
 TRAIN_COLUMNS = ["method", "variant", "model", "device", "precision", "input", "params_M", "GFLOPs_per_it",
                  "median_s", "mean_s", "p90_s", "images_per_s", "time_ratio", "flop_ratio", "overhead", "vs_plain",
                  "peak_mem_MB", "iterations", "note"]
@@ -117,8 +119,6 @@ def calibrate_frozen_batchnorm(net: torch.nn.Module, image: torch.Tensor) -> Non
     forward pass). DeepLabV2 freezes its BatchNorm on ImageNet statistics; from random initialisation (the
     benchmark downloads nothing) unnormalised activations overflow within a few iterations, and training on
     inf/NaN is neither what a run computes nor timed alike. A no-op for networks without frozen BatchNorm."""
-    from rtda.models.frozen_bn import FrozenBatchNorm2d
-
     def set_stats(layer, inputs):
         x = inputs[0].float()
         layer.running_mean.copy_(x.mean(dim=(0, 2, 3)))
@@ -138,8 +138,6 @@ def calibrate_frozen_batchnorm(net: torch.nn.Module, image: torch.Tensor) -> Non
 
 def build_net(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     """``model=`` from random initialisation, frozen BatchNorm calibrated on a synthetic batch."""
-    from rtda.data.normalization import normalize
-
     net = hydra.utils.instantiate(cfg.model, pretrained=False)
     sample = SyntheticBatches(cfg.bench.height, cfg.bench.width, cfg.data.num_classes, 1, target=False)[0]
     calibrate_frozen_batchnorm(net, normalize(sample["source"]["image"][None].repeat(2, 1, 1, 1)))
@@ -296,24 +294,24 @@ class MethodRow:
     variant = "lightning"
 
     def __init__(self, name: str, cfg: DictConfig, device: torch.device, precision: str, root: str):
-        from rtda.train import has_segmenter
-
         for noisy in ("pytorch_lightning", "lightning.pytorch"):  # a Trainer per round: its banner each time
             logging.getLogger(noisy).setLevel(logging.WARNING)
         self.name, self.device, self.precision, self.root = name, device, precision, root
         self.cfg = cfg
-        self.segmenter = has_segmenter(cfg)
+        method = method_class(cfg.adaptation)
+        self.segmenter = trains_segmenter(cfg.adaptation)
         net = build_net(cfg, device) if self.segmenter else None
         adaptation = OmegaConf.to_container(cfg.adaptation, resolve=True)
-        adaptation.update({k: v for k, v in QUIET.items() if k in adaptation})
+        # what the method declares: options that only save pictures (off), its own learning rates (scaled)
+        adaptation.update({k: 0 for k in getattr(method, "picture_options", ()) if k in adaptation})
         optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
         scale = float(cfg.bench.get("lr_scale", 1.0))
-        for conf in (adaptation, optimizer):  # the segmenter's and the method's own rates (d_lr, CycleGAN's lr)
-            for key, value in conf.items():
-                if (key == "lr" or key.endswith("_lr")) and isinstance(value, (int, float)):
-                    conf[key] = value * scale
+        optimizer["lr"] = optimizer["lr"] * scale
+        for key in getattr(method, "learning_rate_options", ()):
+            if isinstance(adaptation.get(key), (int, float)):
+                adaptation[key] = adaptation[key] * scale
         try:
-            self.module = hydra.utils.instantiate(adaptation, net=net, optimizer=hydra.utils.instantiate(optimizer))
+            self.module = build_method(adaptation, net=net, optimizer=hydra.utils.instantiate(optimizer))
         except Exception as err:  # noqa: BLE001 -- one line naming the method
             raise ConfigValueError(f"bench.methods: {name}: could not be built: {err}") from err
         self.params = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
@@ -376,9 +374,6 @@ class PlainLoopRow:
     segmenter = True
 
     def __init__(self, source_only: MethodRow):
-        from rtda.adaptation.base import poly_lambda
-        from rtda.data.normalization import normalize
-
         self.cfg, self.device, self.precision = source_only.cfg, source_only.device, source_only.precision
         ref = source_only.module
         self.net = build_net(self.cfg, self.device)
@@ -395,8 +390,6 @@ class PlainLoopRow:
         criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
 
         def loss_fn(outputs, label):
-            from rtda.models.outputs import as_outputs
-
             outputs = as_outputs(outputs)
             loss = criterion(outputs.out, label)
             for head, logits in outputs.aux.items():
@@ -510,8 +503,6 @@ def method_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     source-only by default, lacks the key)."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
-
-    from rtda.errors import one_line
 
     methods = cfg.bench.get("methods") or [HydraConfig.get().runtime.choices.get("adaptation", "source_only")]
     names = [str(m) for m in ([methods] if isinstance(methods, str) else methods)]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from rtda.errors import RunInterrupted
+from rtda.run.errors import ConfigValueError, RunInterrupted
 
 log = logging.getLogger("rtda")
 
@@ -78,8 +78,6 @@ class LastCheckpoint(Callback):
 
     def __init__(self, every_n_train_steps: int = 500, dirpath: str | None = None):
         if not isinstance(every_n_train_steps, int) or every_n_train_steps < 1:
-            from rtda.errors import ConfigValueError
-
             raise ConfigValueError(f"callbacks.periodic_checkpoint.every_n_train_steps={every_n_train_steps!r}: "
                                    "expected a positive number of iterations")
         self.every_n_train_steps = every_n_train_steps
@@ -156,7 +154,7 @@ class GracefulStop(Callback):
             self._stop(trainer, self._pending)
 
     def restore(self) -> None:
-        """Give the signals back their handlers from before this run (rtda.train calls it when the run ends)."""
+        """Give the signals back their handlers from before this run (rtda.pipelines.train calls it when the run ends)."""
         for signum, handler in self._previous.items():
             if handler is not None:
                 signal.signal(signum, handler)
@@ -189,7 +187,7 @@ class GracefulStop(Callback):
         requeue = self._requeue_action(trainer) if what != "SIGTERM" else None
         action = f"requeueing SLURM job {_slurm_job_id()}" if requeue else "stopped; the same command resumes from it"
         log.warning("%s at iteration %d: %s saved; %s", what, trainer.global_step, saved, action)
-        # the requeue itself comes last (rtda.train, once results.json says so): SLURM ends the job right after it
+        # the requeue itself comes last (rtda.pipelines.train, once results.json says so): SLURM ends the job right after it
         raise RunInterrupted(f"{what} at iteration {trainer.global_step}: {saved} holds it; {action}",
                              iteration=trainer.global_step, checkpoint=str(saved), requeue=requeue)
 
@@ -259,58 +257,3 @@ class RandomState(Callback):
         cuda = state.get("cuda")
         if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
-
-
-def _wandb_loggers(trainer) -> list:
-    from pytorch_lightning.loggers import WandbLogger
-
-    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)] if trainer.is_global_zero else []
-
-
-class WandbMedia(Callback):
-    """What W&B shows beyond the scalar curves (only when a W&B logger is configured; else nothing):
-
-    - ``val/segmentation``: the first ``num_images`` validation images as ``wandb.Image`` with two
-      segmentation-mask layers, ``prediction`` and ``ground_truth``, labelled with the class names (W&B's mask
-      viewer toggles them and each class), at every validation;
-    - ``test/IoU_per_class``: a ``wandb.Table`` (class, IoU in %) of the test scores.
-    """
-
-    def __init__(self, num_images: int = 2):
-        self.num_images = num_images
-
-    def _class_labels(self, pl_module) -> dict[int, str]:
-        return {**dict(enumerate(pl_module.class_names)), 255: "ignore"}
-
-    @torch.no_grad()
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        loggers = _wandb_loggers(trainer)
-        if batch_idx != 0 or trainer.sanity_checking or self.num_images <= 0 or not loggers:
-            return
-        from rtda.viz import _fit, denormalize
-
-        images = batch["image"][: self.num_images]
-        preds = pl_module.predict_logits(images, images.shape[-2:]).argmax(dim=1).cpu().numpy().astype(np.uint8)
-        labels = batch["label"][: self.num_images].cpu().numpy().astype(np.uint8)
-        class_labels = self._class_labels(pl_module)
-        pictures, masks = [], []
-        for image, pred, label in zip(images, preds, labels):
-            pictures.append(denormalize(image))
-            masks.append({"prediction": {"mask_data": pred, "class_labels": class_labels},
-                          "ground_truth": {"mask_data": _fit(label, pred.shape), "class_labels": class_labels}})
-        for logger in loggers:
-            logger.log_image(key="val/segmentation", images=pictures, step=trainer.global_step, masks=masks,
-                             caption=[f"iteration {trainer.global_step}"] * len(pictures))
-
-    def on_test_end(self, trainer, pl_module) -> None:
-        loggers = _wandb_loggers(trainer)
-        if not loggers:
-            return
-        metrics = trainer.callback_metrics
-        rows = []
-        for name in pl_module.class_names:
-            value = metrics.get(f"test/IoU/{name}")
-            value = None if value is None or bool(torch.isnan(torch.as_tensor(value))) else 100.0 * float(value)
-            rows.append([name, value])
-        for logger in loggers:
-            logger.log_table(key="test/IoU_per_class", columns=["class", "IoU (%)"], data=rows)

@@ -32,7 +32,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rtda.errors import ConfigValueError
+from rtda.bench.training import MethodRow, PeakMemory, method_configs
+from rtda.data.base import read_label, read_rgb
+from rtda.data.demo import ensure_demo
+from rtda.run.errors import ConfigValueError, RtdaError
 
 DATA_COLUMNS = ["dataset", "kind", "augmentation", "stored", "size", "batch", "workers", "images_per_s", "decode_image_ms",
                 "decode_label_ms", "transform_ms", "collate_ms", "train_images_per_s", "workers_needed", "note"]
@@ -43,8 +46,6 @@ SYNTHETIC_FILES = 12
 
 def synthetic_fullsize(data_dir: str | Path) -> Path:
     """GTA5- and Cityscapes-format files at the datasets' own resolutions, written once (rtda.data.demo)."""
-    from rtda.data.demo import ensure_demo
-
     return ensure_demo(Path(data_dir) / "bench_fullsize", source_count=SYNTHETIC_FILES, source_size=(1052, 1914),
                        target_train_count=SYNTHETIC_FILES, target_val_count=1, target_size=(1024, 2048))
 
@@ -84,8 +85,6 @@ def _stored(dataset) -> tuple[str, str]:
 def per_worker(dataset, n: int, batch_size: int) -> dict:
     """One process reading ``n`` samples: images/s and the milliseconds per sample of each stage."""
     from torch.utils.data import default_collate
-
-    from rtda.data.base import read_label, read_rgb
 
     t = {"image": 0.0, "label": 0.0, "transform": 0.0, "collate": 0.0}
     batch = []
@@ -135,10 +134,8 @@ def loader_rate(dataset, n: int, batch_size: int, workers: int, pin_memory: bool
 
 def train_step_rate(cfg: DictConfig, size, batch_size: int) -> float:
     """Source images/s of source-only training of ``model=`` at ``size`` and ``batch_size`` on ``bench.device``
-    (Lightning, synthetic batches, :mod:`rtda.bench_train`)."""
+    (Lightning, synthetic batches, :mod:`rtda.bench.training`)."""
     import tempfile
-
-    from rtda.bench_train import MethodRow, PeakMemory, method_configs
 
     cfg_train = method_configs(cfg)["source_only"]
     OmegaConf.set_struct(cfg_train, False)
@@ -151,8 +148,6 @@ def train_step_rate(cfg: DictConfig, size, batch_size: int) -> float:
 
 
 def data_benchmark(cfg: DictConfig) -> list[dict]:
-    from rtda.errors import RtdaError
-
     try:
         import albumentations  # noqa: F401 -- the training transforms
     except ImportError as err:

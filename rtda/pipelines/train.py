@@ -13,7 +13,6 @@ import math
 import signal
 import subprocess
 import sys
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -21,28 +20,27 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from rtda import config as rtda_config
-from rtda.callbacks import GracefulStop
-from rtda.checkpoints import check_checkpoint_fits
-from rtda.ddp import (
+from rtda.adaptation.base import build_method, trains_segmenter
+from rtda.run import config as rtda_config
+from rtda.run.callbacks import GracefulStop
+from rtda.run.checkpoints import check_checkpoint_fits
+from rtda.run.ddp import (
     launches_processes,
     run_job_as_own_command,
     shares_the_sweep_process,
     use_rtda_ddp_children,
 )
-from rtda.errors import (
+from rtda.run.errors import (
     ConfigValueError,
     RtdaError,
     RunInterrupted,
-    exit_on_user_error,
     log_to_files,
     one_line,
-    run_cli,
 )
-from rtda.io import atomic_write_text, check_writable, holding_read_locks, holding_run_folder
-from rtda.launchers import job_resources, trainer_plugins
-from rtda.loggers import HistoryKeepingCSVLogger
-from rtda.results import completed_job, format_summary, test_summary
+from rtda.run.files import atomic_write_text, check_writable, holding_read_locks, holding_run_folder
+from rtda.run.launchers import job_resources, trainer_plugins
+from rtda.run.loggers import HistoryKeepingCSVLogger
+from rtda.run.results import completed_job, format_summary
 
 log = logging.getLogger("rtda")
 
@@ -182,16 +180,6 @@ def supported_precision(trainer_cfg: DictConfig) -> dict:
     return {}
 
 
-def has_segmenter(cfg: DictConfig) -> bool:
-    """Whether the run's method trains a segmentation network: its class's ``has_segmenter`` (False for
-    CycleGAN's translator). A ``_target_`` that does not import is reported when it is instantiated."""
-    target = OmegaConf.select(cfg, "adaptation._target_")
-    try:
-        return bool(getattr(hydra.utils.get_class(target), "has_segmenter", True)) if target else True
-    except Exception:  # noqa: BLE001 -- instantiate() names the bad target in one line
-        return True
-
-
 def without_segmenter_callbacks(callbacks_cfg: DictConfig | None, val_check_interval) -> DictConfig | None:
     """The callbacks of a run with no segmenter (nothing logs ``val/*``): a ``ModelCheckpoint`` loses its
     monitor and saves every ``val_check_interval`` iterations (``step<N>.ckpt``, the latest kept, plus
@@ -291,7 +279,7 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
     rtda_config.check_values(cfg)
     for what, folder in destinations(cfg).items():
         check_writable(folder, what)
-    segmenter = has_segmenter(cfg)  # False: a translator (CycleGAN), no model to build, validate or test
+    segmenter = trains_segmenter(cfg.adaptation)  # False: a translator (CycleGAN), no model to build, validate or test
     warnings_seen = [w for w in [random_init_warning(cfg) if segmenter else None] if w]
     for warning in warnings_seen:
         log.warning(warning)
@@ -300,7 +288,7 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
 
     datamodule = hydra.utils.instantiate(cfg.data, augmentation=cfg.get("augmentation"))
     net = hydra.utils.instantiate(cfg.model) if segmenter else None
-    module = hydra.utils.instantiate(cfg.adaptation, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer))
+    module = build_method(cfg.adaptation, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer) if segmenter else None)
     state["module"] = module
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["model"].update(getattr(net, "rebuild_kwargs", {}))  # what the weights decided, to rebuild without them
@@ -369,7 +357,7 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
     results = {
         **record,
         "status": "completed",
-        "test": test_summary(trainer.callback_metrics, module.class_names),
+        "test": None,  # a segmenter's scores: its run_results
         "best_val_mIoU": None if best_score is None else float(best_score),
         "best_checkpoint": str(Path(best).resolve()) if best else None,
         "checkpoint": str(Path(tested).resolve()) if tested and Path(tested).is_file() else None,
@@ -378,47 +366,14 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
         "decode_failures": module.decode_failures,
         "seconds_per_iteration": float(np.median(module.step_seconds)) if module.step_seconds else None,
     }
-    if results["test"]:
-        results["test/mIoU"] = results["test"]["mIoU"]
-    if module.test_results:
-        results["test/confmat"] = module.test_results["confmat"]
-    if not segmenter:  # what the run leaves instead of a score: checkpoints, samples, losses
-        results.update({"best_val_mIoU": None, "best_checkpoint": None, "tested_weights": None,
-                        **module.run_summary(trainer)})
+    if not segmenter:  # nothing validated or tested
+        results.update({"best_val_mIoU": None, "best_checkpoint": None, "tested_weights": None})
+    results.update(module.run_results(trainer))  # what the method adds (CycleGAN: what it left instead of a score)
     return results
 
 
-def log_to_the_run() -> None:
-    """Everything the run says goes to the console and to its ``train.log`` (Hydra's two handlers on the root
-    logger): rtda's lines, Lightning's (its loggers print on their own handler unless told to propagate) and
-    Python warnings (each shown once, as usual, and kept in the file)."""
-    logging.captureWarnings(True)
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.StreamHandler)]
-        logger.propagate = True
-    for handler in logging.getLogger().handlers:  # a logger's own filters do not see its children's records
-        if not any(isinstance(f, _LightningNoise) for f in handler.filters):
-            handler.addFilter(_LightningNoise())
-    for text in LIGHTNING_NOISE_WARNINGS:
-        warnings.filterwarnings("ignore", f".*{text}.*")
-
-
-#: Lightning's lines that say nothing about this run, or mislead in it (rtda checkpoints are full on purpose)
-LIGHTNING_NOISE_LINES = ("litlogger", "`weights_only` was not set")
-LIGHTNING_NOISE_WARNINGS = ("The `srun` command is available on your system but is not used",
-                            "isinstance\\(treespec, LeafSpec\\)` is deprecated",
-                            "You have overridden `on_after_batch_transfer` in `LightningModule`")
-
-
-class _LightningNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(text in message for text in LIGHTNING_NOISE_LINES)
-
-
 def train_in_own_process(cfg: DictConfig) -> dict:
-    """A multi-process (DDP) job of a local sweep: run as its own ``rtda-train`` (see :mod:`rtda.ddp`)."""
+    """A multi-process (DDP) job of a local sweep: run as its own ``rtda-train`` (see :mod:`rtda.run.ddp`)."""
     code = run_job_as_own_command()
     path = Path(cfg.paths.output_dir) / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {"status": "failed", "error": f"exit status {code}"}
@@ -427,36 +382,29 @@ def train_in_own_process(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=str(rtda_config.CONFIG_DIR), config_name="train")
-@exit_on_user_error
-@rtda_config.closes_wandb
-def _hydra_main(cfg: DictConfig) -> float | None:
-    log_to_the_run()
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    # a method without a segmenter checkpoints every N iterations, after its optimizers stepped: as intended
-    warnings.filterwarnings("ignore", ".*ModelCheckpoint with manual optimization and every_n_train_steps.*")
-    with holding_run_folder(cfg.paths.output_dir):  # a single run's folder is held already (rtda.io.CheckRunFolder)
+def run_job(cfg: DictConfig) -> dict:
+    """One job of ``rtda-train`` (a single run or a sweep's job), in its run folder: skipped when a sweep started
+    again finds it completed, run as its own process when it launches several (DDP in a local sweep), else
+    trained here; returns its results."""
+    with holding_run_folder(cfg.paths.output_dir):  # a single run's folder is held already (rtda.run.files.CheckRunFolder)
         results = completed_job(cfg)  # a sweep started again: its completed jobs are not trained again
         if results is not None:
             print(f"rtda: job {Path(cfg.paths.output_dir).name}: completed, skipped")
-        elif launches_processes(cfg.trainer) and shares_the_sweep_process():
-            results = train_in_own_process(cfg)
-        else:
-            # a parallel sweep's job: a GPU of its own, or its share of the CPU; the data it reads stays as it is.
-            # The job is recorded as configured (job_resources picks its GPU into cfg.trainer.devices)
-            job_config = OmegaConf.to_container(cfg, resolve=True)
-            with job_resources(cfg), holding_read_locks():
-                results = train(cfg, job_config)
+            return results
+        if launches_processes(cfg.trainer) and shares_the_sweep_process():
+            return train_in_own_process(cfg)
+        # a parallel sweep's job: a GPU of its own, or its share of the CPU; the data it reads stays as it is.
+        # The job is recorded as configured (job_resources picks its GPU into cfg.trainer.devices)
+        job_config = OmegaConf.to_container(cfg, resolve=True)
+        with job_resources(cfg), holding_read_locks():
+            return train(cfg, job_config)
+
+
+def optimized_value(cfg: DictConfig, results: dict) -> float | None:
+    """The number a Hydra sweeper optimises: ``optimized_metric`` (``val/mIoU`` = the best validation score),
+    else the test mIoU; None when there is none."""
     metric = cfg.get("optimized_metric")
     value = results.get("best_val_mIoU") if metric == "val/mIoU" else results.get(metric)
     if value is None:
         value = results.get("test/mIoU")
     return None if value is None or math.isnan(value) else float(value)
-
-
-def main() -> None:
-    run_cli(_hydra_main)
-
-
-if __name__ == "__main__":
-    main()

@@ -74,4 +74,4 @@ def run_job_as_own_command() -> int:
     """
     import subprocess
 
-    return subprocess.run(this_job_command(module="rtda.train"), cwd=os.getcwd()).returncode
+    return subprocess.run(this_job_command(module="rtda.cli.train"), cwd=os.getcwd()).returncode

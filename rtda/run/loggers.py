@@ -12,7 +12,8 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
-from rtda.config import choices
+from rtda.run.config import choices
+from rtda.run.files import atomic_write_text
 
 
 def wandb_logged_in() -> bool:
@@ -148,8 +149,6 @@ class HistoryKeepingCSVLogger(CSVLogger):
     def forget_from(self, step: int) -> int:
         """Remove the rows logged at ``step`` or later from ``metrics.csv`` (``step`` = the iteration a
         resumed checkpoint was taken at: Lightning logs iteration ``i`` at step ``i - 1``); returns how many."""
-        from rtda.io import atomic_write_text
-
         path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
         if not path.is_file():
             return 0

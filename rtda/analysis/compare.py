@@ -19,7 +19,7 @@ bars) into ``--out`` (default: the single folder given, else ``./comparison``). 
 
 The Python API is what the notebooks use::
 
-    from rtda.compare import load_runs, summarize, plot_per_class
+    from rtda.analysis.compare import load_runs, summarize, plot_per_class
     runs = load_runs(["outputs/train/multiruns/…"])
     rows = summarize(runs)                  # list of dicts; pandas.DataFrame(rows) for a frame
     plot_per_class(rows, "per_class.png")
@@ -27,7 +27,6 @@ The Python API is what the notebooks use::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -37,9 +36,11 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from rtda.errors import RtdaError, run_cli
-from rtda.results import NOT_EXPERIMENT_KEYS as NOT_RUN_KEYS
-from rtda.results import is_experiment_key
+from rtda.analysis.figures import iou_bars
+from rtda.run.errors import RtdaError
+from rtda.run.files import atomic_write_text, check_writable
+from rtda.run.results import NOT_EXPERIMENT_KEYS as NOT_RUN_KEYS
+from rtda.run.results import is_experiment_key
 
 #: override keys (and prefixes, ending in ".") that do not change what a run measures: never grouped on
 NOT_EXPERIMENT_KEYS = ("seed", *NOT_RUN_KEYS)
@@ -288,8 +289,6 @@ def to_text(rows: Sequence[dict], runs: Sequence[dict] = ()) -> str:
 
 def write_csv(rows: Sequence[dict], path: str | Path) -> None:
     """One line per group: group, runs, seeds, mIoU, mIoU_std, best_val_mIoU, IoU/<class>, IoU_std/<class>, setting."""
-    from rtda.io import atomic_write_text
-
     names = class_names(rows)
     fields = ["group", "runs", "seeds", "mIoU", "mIoU_std", "best_val_mIoU",
               *(f"IoU/{n}" for n in names), *(f"IoU_std/{n}" for n in names), "setting", "run_dirs"]
@@ -305,9 +304,7 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> None:
 
 def plot_per_class(rows: Sequence[dict], path: str | Path | None = None, title: str | None = None):
     """Grouped bar chart of per-class IoU (%), one bar colour per group, std over runs as error bars
-    (:func:`rtda.viz.iou_bars`). Saves a PNG when ``path`` is given; returns the matplotlib Figure (for notebooks)."""
-    from rtda.viz import iou_bars
-
+    (:func:`rtda.analysis.figures.iou_bars`). Saves a PNG when ``path`` is given; returns the matplotlib Figure (for notebooks)."""
     names = class_names(rows)
     if not rows or not names:
         raise RtdaError("nothing to plot: no completed run with per-class IoU")
@@ -326,7 +323,6 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None, ignore: 
         only = Path(paths[0]) if len(paths) == 1 else None
         out = only if only is not None and only.is_dir() else Path("comparison")
     out = Path(out)
-    from rtda.io import atomic_write_text, check_writable
 
     check_writable(out, "the comparison")
     files = {"csv": out / "comparison.csv", "markdown": out / "comparison.md"}
@@ -342,31 +338,20 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None, ignore: 
     return {"rows": rows, "runs": runs, "files": files}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every rtda command
-        raise RtdaError(f"{message} (usage: rtda-compare PATH... [--out DIR] [--ignore KEY ...])")
+def class_recovery(oracle: dict, source_only: dict, methods: dict, class_names) -> dict:
+    """Per class (IoU in %, from :func:`summarize` rows): ``drop`` = target-trained − source-only,
+    and for each method ``recovered`` = method − source-only (None where a class has no score)."""
+    def get(row, name):
+        v = row.get(f"IoU/{name}")
+        return None if v is None or v != v else float(v)
 
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(prog="rtda-compare", description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="run folders, sweep folders or results.json files")
-    parser.add_argument("--out", default=None, help="folder for comparison.{csv,md} and the plot "
-                        "(default: the folder given when there is one, else ./comparison)")
-    parser.add_argument("--ignore", nargs="*", default=[], metavar="KEY",
-                        help="override keys (or prefixes ending in '.') not to group on, besides the seed")
-    parser.add_argument("--no-plot", action="store_true", help="skip the per-class bar chart")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    def task():
-        args = parse_args(argv)
-        result = compare(args.paths, out=args.out, ignore=args.ignore, plot=not args.no_plot)
-        if not result["rows"]:
-            raise SystemExit(1)
-
-    run_cli(task)
-
-
-if __name__ == "__main__":
-    main()
+    out = {"classes": list(class_names), "drop": [], "recovered": {m: [] for m in methods}}
+    for name in class_names:
+        o, s = get(oracle, name), get(source_only, name)
+        out["drop"].append(None if o is None or s is None else o - s)
+        for m, row in methods.items():
+            v = get(row, name)
+            out["recovered"][m].append(None if v is None or s is None else v - s)
+    out["mIoU_drop"] = oracle["mIoU"] - source_only["mIoU"]
+    out["mIoU_recovered"] = {m: row["mIoU"] - source_only["mIoU"] for m, row in methods.items()}
+    return out

@@ -7,6 +7,9 @@ import json
 import math
 from pathlib import Path
 
+from rtda.run.config import in_multirun, overrides
+from rtda.run.errors import ConfigValueError
+
 #: config keys (and prefixes, ending in ".") that do not change what a run measures: where it reads and writes,
 #: how it logs (``rtda-compare`` does not group on them; a sweep job started again may change them)
 NOT_EXPERIMENT_KEYS = ("hydra.", "paths.", "ckpt_path", "run_name", "logger", "logger.", "callbacks", "callbacks.",
@@ -45,9 +48,6 @@ def completed_job(cfg) -> dict | None:
     refused with the keys that differ: a job never mixes two experiments. Outside a sweep: None."""
     from omegaconf import OmegaConf
 
-    from rtda.config import in_multirun
-    from rtda.errors import ConfigValueError
-
     if not in_multirun():
         return None
     folder = Path(cfg.paths.output_dir)
@@ -61,7 +61,6 @@ def completed_job(cfg) -> dict | None:
         if previous.get("config") is not None:
             differences = config_differences(previous["config"], OmegaConf.to_container(cfg, resolve=True))
         else:  # written before results.json held the config: the command lines must agree
-            from rtda.config import overrides
 
             differences = [] if sorted(previous.get("overrides", [])) == sorted(overrides()) else [
                 f"overrides {previous.get('overrides')} -> {overrides()}"]
@@ -72,7 +71,7 @@ def completed_job(cfg) -> dict | None:
     return previous if completed else None
 
 
-def test_summary(metrics: dict, class_names: list[str]) -> dict | None:
+def test_scores(metrics: dict, class_names: list[str]) -> dict | None:
     """``test/*`` values logged by the module (present in the main process under every strategy)."""
     if "test/mIoU" not in metrics:
         return None
@@ -97,10 +96,7 @@ def format_summary(results: dict) -> str:
         lines.append("per-class IoU:")
         for name, iou in test["IoU"].items():
             lines.append(f"  {name:<14} {'   n/a' if iou is None else f'{100 * iou:6.2f}'}")
-    if results.get("note"):  # a run without a score (CycleGAN's translator) says what it left instead
-        lines.append(results["note"])
-        if results.get("samples"):
-            lines.append(f"sample translations: {results['samples'][-1]}")
+    lines += results.get("summary") or []  # the method's own lines (its run_results): what a run without a score left
     if results.get("best_val_mIoU") is not None:
         lines.append(f"best val mIoU: {100 * results['best_val_mIoU']:.2f}")
     lines.append(f"run folder: {results['run_dir']}")

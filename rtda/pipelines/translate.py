@@ -36,7 +36,6 @@ import functools
 import json
 import os
 import shutil
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,16 +43,18 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from rtda import config as rtda_config
-from rtda.adaptation.fda import fda_source_to_target
+from rtda.adaptation.cyclegan import load_generator
+from rtda.adaptation.spectrum import fda_source_to_target
 from rtda.data.base import read_rgb
-from rtda.errors import CheckpointError, ConfigValueError, exit_on_user_error, run_cli
-from rtda.io import atomic_write_text, check_writable
+from rtda.data.render import resize_image
 from rtda.models.cyclegan import translate_image
+from rtda.run.checkpoints import load_checkpoint
+from rtda.run.errors import CheckpointError, ConfigValueError
+from rtda.run.files import atomic_write_text, check_writable
 
 METHODS = ("cyclegan", "fda")
 MANIFEST = "translation.json"
@@ -94,16 +95,6 @@ def remove_stale_temporaries(folder: Path) -> int:
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
-
-
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """H×W×3 uint8 → ``size`` (H, W), bilinear as the training transform resizes (albumentations' ``Resize``:
-    OpenCV ``INTER_LINEAR``), so a copy translated at the training size holds what training would have seen."""
-    if image.shape[:2] == tuple(size):
-        return image
-    import cv2
-
-    return cv2.resize(image, (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
 
 
 class _Pending(Dataset):
@@ -173,28 +164,6 @@ def check_settings(cfg: DictConfig) -> dict:
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigValueError(f"num_workers={workers!r}: expected an integer >= 0")
     return {"method": method, "ckpt_path": ckpt, "beta": beta, "seed": seed if method == "fda" else None, "size": size}
-
-
-def load_generator(path: str, device: torch.device) -> torch.nn.Module:
-    """The source → target generator of an ``adaptation=cyclegan`` checkpoint (loaded with ``weights_only``)."""
-    from rtda.checkpoints import load_checkpoint
-    from rtda.models.cyclegan import ResnetGenerator
-
-    ckpt = load_checkpoint(path)
-    state = {k[len("g_s2t."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("g_s2t.")}
-    adaptation = ckpt["rtda"]["config"].get("adaptation", {})
-    if not state:
-        method = str(adaptation.get("_target_", "?")).rsplit(".", 1)[-1]
-        raise CheckpointError(f"ckpt_path={path} holds no CycleGAN generator (it was trained by {method}): "
-                              "train a translator with rtda-train adaptation=cyclegan")
-    generator = ResnetGenerator(3, 3, ngf=int(adaptation.get("ngf", 64)), n_blocks=int(adaptation.get("n_blocks", 9)))
-    try:
-        generator.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"ckpt_path={path}: its generator weights do not fit the generator its config describes "
-                              f"(ngf {adaptation.get('ngf')}, n_blocks {adaptation.get('n_blocks')}): "
-                              f"{str(err).splitlines()[1].strip()}") from None
-    return generator.to(device).eval()
 
 
 def pick_device(name: str) -> torch.device:
@@ -318,8 +287,6 @@ def replay_data_overrides(argv: list[str]) -> list[str]:
     given = {_key(a): a.split("=", 1)[1] if "=" in a else "" for a in argv}
     if given.get("method") != "cyclegan" or not given.get("ckpt_path") or "data" in given:
         return argv
-    from rtda.checkpoints import load_checkpoint
-
     try:
         saved = load_checkpoint(given["ckpt_path"])["rtda"]
     except (OSError, CheckpointError):  # reported properly once the config is composed
@@ -327,20 +294,3 @@ def replay_data_overrides(argv: list[str]) -> list[str]:
     replay = [f"data={saved['choices']['data']}"] if saved.get("choices", {}).get("data") else []
     replay += [o for o in saved.get("overrides", []) if _key(o).startswith(("data.", "paths.")) and _key(o) not in given]
     return replay + argv
-
-
-@hydra.main(version_base="1.3", config_path=str(rtda_config.CONFIG_DIR), config_name="translate")
-@exit_on_user_error
-@rtda_config.closes_wandb
-def _hydra_main(cfg: DictConfig) -> None:
-    OmegaConf.resolve(cfg)
-    translate(cfg)
-
-
-def main() -> None:
-    sys.argv = sys.argv[:1] + replay_data_overrides(sys.argv[1:])
-    run_cli(_hydra_main)
-
-
-if __name__ == "__main__":
-    main()

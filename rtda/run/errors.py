@@ -7,6 +7,7 @@ with ``HYDRA_FULL_ERROR=1``. Errors that are not the user's (bugs) keep their tr
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -64,18 +65,22 @@ class RunInterrupted(SystemExit):
 
 
 def no_space_left(err: BaseException) -> bool:
-    import errno
-
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def disk_full_error(err: OSError, what: str | None = None) -> DiskFull:
     """``err`` (ENOSPC / EDQUOT) as one line naming the folder that could not take the file."""
-    import os
-
     where = what or (os.path.dirname(os.path.abspath(err.filename)) if err.filename else "the output folder")
     return DiskFull(f"no space left on the device of {where} ({err.strerror or err}); free some space and run the "
                     "same command again: it resumes from the last whole checkpoint")
+
+
+class DatasetFormatError(FileNotFoundError):
+    """A dataset folder is missing or laid out differently from the format the reader expects."""
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights that cannot be fetched or do not fit the network (the message says what to do)."""
 
 
 class DecodeError(OSError):
@@ -95,9 +100,6 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         OverrideParseException,
     )
     from omegaconf.errors import OmegaConfBaseException
-
-    from rtda.data.base import DatasetFormatError
-    from rtda.models.pretrained import PretrainedWeightsError
 
     # InstantiationException: a config node that cannot be built (an unknown argument, a value the class refuses)
     return (RtdaError, FileNotFoundError, DatasetFormatError, PretrainedWeightsError, ConfigCompositionException,

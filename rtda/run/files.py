@@ -20,7 +20,7 @@ from filelock import FileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from rtda.errors import OutputNotWritable, RunFolderInUse, full_error_requested, report
+from rtda.run.errors import OutputNotWritable, RunFolderInUse, full_error_requested, report
 
 log = logging.getLogger("rtda")
 

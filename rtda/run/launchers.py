@@ -17,17 +17,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
+from rtda.run.checkpoints import AtomicCheckpointIO
+from rtda.run.config import CONFIG_DIR
+from rtda.run.errors import run_cli
+from rtda.run.resolvers import device_count
+
 log = logging.getLogger("rtda")
-
-
-def device_count() -> int:
-    """GPUs on this machine, at least 1 (the ``rtda.device_count`` resolver: the parallel launcher's n_jobs)."""
-    try:
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    except Exception:
-        return 1
 
 
 def parallel_jobs() -> int | None:
@@ -92,11 +87,9 @@ def job_resources(cfg: DictConfig, poll_seconds: float = 1.0) -> Iterator[None]:
 def trainer_plugins() -> dict:
     """The Trainer's ``plugins``: rtda's whole-or-nothing checkpoint writer, and — inside a SLURM job — Lightning's
     SLURM environment with its auto-requeue off. Requeueing is left to one mechanism: submitit's in a job of
-    ``hydra/launcher=slurm``, rtda's :class:`rtda.callbacks.GracefulStop` in a plain ``sbatch`` + ``srun`` job
+    ``hydra/launcher=slurm``, rtda's :class:`rtda.run.callbacks.GracefulStop` in a plain ``sbatch`` + ``srun`` job
     (it saves the iteration that ended, where Lightning's handler saved ``hpc_ckpt_N.ckpt`` mid-iteration)."""
     from pytorch_lightning.plugins.environments import SLURMEnvironment
-
-    from rtda.checkpoints import AtomicCheckpointIO
 
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
@@ -119,16 +112,13 @@ def sbatch_script(launcher: dict, command: str = "python -u -m submitit.core._su
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m rtda.launchers [overrides]``: print the sbatch script of ``rtda-train -m hydra/launcher=slurm
+    """``python -m rtda.run.launchers [overrides]``: print the sbatch script of ``rtda-train -m hydra/launcher=slurm
     [overrides]`` without submitting anything (the overrides of one job: no comma lists)."""
     import sys
 
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
-
-    from rtda.config import CONFIG_DIR
-    from rtda.errors import run_cli
 
     overrides = list(sys.argv[1:] if argv is None else argv)
 

@@ -1,0 +1,1 @@
+"""Figures, rtda-compare and the notebooks helpers: reading finished runs, never training."""

@@ -1,0 +1,1 @@
+"""Measurements: complexity (params, FLOPs), inference speed, seconds per training iteration, the data pipeline."""
