@@ -2,13 +2,11 @@
 
 import json
 import math
-import os
 import subprocess
 
 import pytest
 import torch
-from conftest import tiny_overrides
-from test_train_cli import rtda_train, run_folder
+from helpers import ENV, rtda_train, run_folder, tiny_overrides
 
 TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2", "data.batch_size=2", "data.num_workers=0",
         "data.source_size=[72,128]", "data.target_size=[64,128]", "trainer.log_every_n_steps=1"]
@@ -31,7 +29,7 @@ def test_adversarial_run_end_to_end_and_eval_scores_its_checkpoint(tiny_demo_dir
     header = (folder / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/loss_seg", "train/loss_adv/out", "train/loss_adv/context16", "train/loss_d/out", "val/mIoU"} <= set(header)
 
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline"}
+    env = dict(ENV)
     ev = subprocess.run(["rtda-eval", f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}", "plot_confusion_matrix=false"],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stderr[-3000:]

@@ -1,22 +1,22 @@
 """Complexity counting and the benchmark's rows, on tiny inputs (speed itself is measured in BENCHMARKS.md)."""
 
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import ENV
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from torch import nn
 
-from rtda.bench.inference import _onnx_runner, benchmark, format_table
 from rtda.bench.complexity import count_flops, count_parameters, measure_interleaved
-from rtda.run.config import CONFIG_DIR
+from rtda.bench.inference import _onnx_runner, benchmark, format_table
 from rtda.models.bisenet import BiSeNet
+from rtda.run.config import CONFIG_DIR
 
 
 def test_parameters_and_flops_of_a_tiny_net_by_hand():
@@ -73,7 +73,7 @@ def test_benchmark_rows(tmp_path):
 
 
 def test_cli_compares_networks_in_one_table(tmp_path):
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env = dict(ENV)
     args = ["-m", "model=bisenet_r18,deeplabv2_r101", "bench.height=32", "bench.width=64", "bench.max_seconds=0.05",
             "bench.min_runs=2", "bench.warmup=1", "bench.variants=[plain,eager]", "bench.matmul_ceiling=false"]
     proc = subprocess.run(["rtda-bench", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -92,7 +92,7 @@ def test_bench_needs_no_albumentations():
 
 def test_bench_takes_the_segmenter_of_an_adversarial_checkpoint(tmp_path):
     import pytorch_lightning as pl
-    from test_adaptation import TinyData, module, trainer
+    from helpers.lightning import TinyData, module, trainer
 
     m = module("adversarial")
     m.run_config = {"config": {"model": {"_target_": "rtda.models.bisenet.BiSeNet", "num_classes": 4, "pretrained": False}},

@@ -3,18 +3,16 @@
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_overrides
+from helpers import ENV, REPO, tiny_overrides
 
 from rtda.analysis.compare import compare, load_runs, plot_per_class, summarize
 
 CLASSES = ["road", "sidewalk", "car"]
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
 
 
 def fake_run(folder: Path, overrides: list[str], miou: float | None, iou=None, status="completed", seed=None,

@@ -1,14 +1,12 @@
 """Every option of every config group composes, and the parts rtda-train builds from it instantiate."""
 
-from pathlib import Path
 
 import hydra
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
+from helpers import compose_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from rtda.adaptation.base import build_method
 from rtda.run.config import CONFIG_DIR
@@ -18,17 +16,6 @@ GROUPS = ["data", "model", "augmentation", "adaptation", "optimizer", "trainer",
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-
-
-def compose_train(overrides, tmp_path: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        cfg.paths.data_dir = str(tmp_path / "data")
-    return cfg
 
 
 def test_contract_options_exist():
@@ -46,7 +33,7 @@ def test_contract_options_exist():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g) if not (g == "debug" and o == "default")])
 def test_every_option_composes(group, option, tmp_path):
-    cfg = compose_train([f"{group}={option}"], tmp_path)
+    cfg = compose_config("train", [f"{group}={option}"], output_dir=tmp_path)
     assert cfg.data.num_classes == 19
     if group in ("data", "model", "augmentation", "adaptation", "optimizer"):
         net = hydra.utils.instantiate(cfg.model)

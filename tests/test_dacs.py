@@ -7,19 +7,25 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_overrides
-from test_train_cli import rtda_train, run_folder
+from helpers import rtda_train, run_folder, tiny_overrides
 from torch import nn
 
 from rtda.adaptation.base import poly_lambda
 from rtda.adaptation.dacs import DACSModule, weighted_cross_entropy
 from rtda.adaptation.features import downscale_label_ratio, masked_feature_distance
-from rtda.adaptation.mixing import block_mask, blur_kernel_size, class_mix_masks, gaussian_blur, mix, strong_augment
-from rtda.adaptation.teacher import EMATeacher, ema_alpha
+from rtda.adaptation.mixing import (
+    block_mask,
+    blur_kernel_size,
+    class_mix_masks,
+    gaussian_blur,
+    mix,
+    strong_augment,
+)
 from rtda.adaptation.pseudo_labels import dacs_pseudo_labels
+from rtda.adaptation.teacher import EMATeacher, ema_alpha
 from rtda.data.datamodule import RareClassSampler, rare_class_probabilities
-from rtda.run.errors import ConfigValueError
 from rtda.models.bisenet import BiSeNet
+from rtda.run.errors import ConfigValueError
 
 TINY = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.batch_size=2", "data.num_workers=0",
         "data.source_size=[72,128]", "data.target_size=[64,128]", "trainer.log_every_n_steps=1"]

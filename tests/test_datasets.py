@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from helpers.cityscapes_table import ROWS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
-from test_labels import ROWS
 
 from rtda.data.base import DatasetFormatError
 from rtda.data.cityscapes import Cityscapes

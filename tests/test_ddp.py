@@ -1,13 +1,10 @@
 """trainer=ddp_cpu (2 processes, gloo) scores what one process scores: loaders sharded, metrics synced."""
 
 import json
-import os
 import subprocess
 
 import pytest
-from conftest import TINY_DEMO
-
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+from helpers import ENV, TINY_DEMO
 
 
 def _score(trainer: str, trained_run, tmp_path) -> dict:

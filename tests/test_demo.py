@@ -73,8 +73,11 @@ def test_scenes_cover_the_classes_including_small_ones():
 def test_domains_share_layout_but_differ_in_appearance():
     src_img, src_ids = render_sample(3, 128, 256, SOURCE_STYLE)
     tgt_img, tgt_ids = render_sample(3, 128, 256, blend_style(SOURCE_STYLE, REAL_STYLE, 1.0))
-    road = src_ids == 7
-    assert road.any()
+    # the same scene layout: most pixels carry the same class in both domains (the target adds its bonnet and
+    # draws its own road width), the road among them
+    assert (src_ids == tgt_ids).mean() > 0.7
+    both_road = ((src_ids == 7) & (tgt_ids == 7)).sum()
+    assert both_road > 0.5 * (tgt_ids == 7).sum()
     # same class, clearly different colour statistics (the appearance gap)
     sky_src = src_img[src_ids == 23].mean(0)
     sky_tgt = tgt_img[tgt_ids == 23].mean(0)

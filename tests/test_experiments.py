@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_train_cli import rtda_train, run_folder
+from helpers import rtda_train, run_folder
 
 from rtda.data.stats import cached_class_stats
 

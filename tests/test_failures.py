@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import ENV, tiny_overrides
 from PIL import Image
 
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
 QUICK = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "data.batch_size=2",
          "data.num_workers=0"]
 
@@ -95,8 +94,8 @@ def test_divergence_stops_the_run_marks_it_failed_and_keeps_no_diverged_checkpoi
 
 def test_non_finite_weights_are_never_saved():
     from rtda.adaptation.segmentation import SegmentationModule
-    from rtda.run.errors import TrainingDiverged
     from rtda.models.bisenet import BiSeNet
+    from rtda.run.errors import TrainingDiverged
 
     module = SegmentationModule(BiSeNet(num_classes=19), optimizer=None)
     module.on_save_checkpoint({})  # finite: saved
@@ -196,9 +195,9 @@ def test_eval_of_a_checkpoint_with_another_class_count(trained_run, tmp_path):
 
 def test_resume_from_a_checkpoint_of_another_network_stops_before_training(trained_run, tmp_path):
     from rtda.adaptation.segmentation import SegmentationModule
+    from rtda.models.bisenet import BiSeNet
     from rtda.run.checkpoints import check_checkpoint_fits
     from rtda.run.errors import CheckpointError
-    from rtda.models.bisenet import BiSeNet
 
     check_checkpoint_fits(trained_run["checkpoint"], SegmentationModule(BiSeNet(num_classes=19)))  # fits
     with pytest.raises(CheckpointError, match=r"does not fit this run \(it holds BiSeNet with 19 classes.*\): net\..* is "

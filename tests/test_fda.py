@@ -3,19 +3,22 @@ and the method through the console scripts (train with three betas' pipeline ste
 
 import json
 import math
-import os
 import subprocess
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_overrides
+from helpers import ENV, rtda_train, run_folder, tiny_overrides
 from PIL import Image
-from test_train_cli import rtda_train, run_folder
 
 from rtda.adaptation.fda import charbonnier_entropy, fda_source_to_target  # the contract's import paths
-from rtda.adaptation.pseudo_labels import StreamingThresholds, class_thresholds, fda_pseudo_labels, quantile_position
+from rtda.adaptation.pseudo_labels import (
+    StreamingThresholds,
+    class_thresholds,
+    fda_pseudo_labels,
+    quantile_position,
+)
 from rtda.adaptation.spectrum import fda_window, match_size
 from rtda.pipelines.pseudo_labels import write_pseudo_label_tree
 
@@ -192,7 +195,7 @@ FDA_TINY = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.batch_s
 
 
 def _env():
-    return {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline"}
+    return dict(ENV)
 
 
 @pytest.mark.slow

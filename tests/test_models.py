@@ -4,10 +4,10 @@ import torch
 from torch import nn
 from torchvision import models
 
-from rtda.run.errors import ConfigValueError
 from rtda.models import pretrained
 from rtda.models.bisenet import BiSeNet
 from rtda.models.outputs import SegmentationOutputs
+from rtda.run.errors import ConfigValueError
 
 
 def test_bisenet_train_and_eval_outputs():

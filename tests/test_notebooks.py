@@ -8,7 +8,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO, TINY_DEMO
+from helpers import REPO, TINY_DEMO
 from nbclient import NotebookClient
 
 from rtda.data.labels import CLASS_NAMES
@@ -187,8 +187,8 @@ def test_specs_select_runs_and_rows_by_their_command_line(tmp_path):
 def test_bench_rows_take_the_newest_matching_result_and_speed_points_join_them(tmp_path):
     import os
 
-    from rtda.run.errors import RtdaError
     from rtda.analysis.notebook import bench_rows, speed_points
+    from rtda.run.errors import RtdaError
 
     def write(folder, rows, mtime):
         (tmp_path / folder).mkdir()
@@ -208,8 +208,8 @@ def test_bench_rows_take_the_newest_matching_result_and_speed_points_join_them(t
 
 
 def test_a_runs_checkpoint_is_the_tested_one_else_last(tmp_path):
-    from rtda.run.errors import RtdaError
     from rtda.analysis.notebook import checkpoint_of
+    from rtda.run.errors import RtdaError
 
     (tmp_path / "checkpoints").mkdir()
     last = tmp_path / "checkpoints" / "last.ckpt"

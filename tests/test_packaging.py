@@ -1,16 +1,14 @@
 """rtda as a library: a wheel (not editable) carries the config tree; a user's project adds its own experiment."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_overrides
+from helpers import ENV, REPO, tiny_overrides
 
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
-ENV.pop("PYTHONPATH", None)  # the installed wheel only, not a checkout
+ENV = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}  # the installed wheel only, not a checkout
 
 USER_EXPERIMENT = """\
 # @package _global_

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import random
 import subprocess
 from pathlib import Path
@@ -10,10 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_DEMO, tiny_overrides
-
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-       "HYDRA_FULL_ERROR": "0", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
+from helpers import ENV, TINY_DEMO, tiny_overrides
 
 
 def test_random_state_round_trips_and_loads_weights_only(tmp_path):

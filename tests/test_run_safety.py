@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import ENV, tiny_overrides
 from omegaconf import OmegaConf
 
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-       "HYDRA_FULL_ERROR": "0"}
 TINY = ["trainer.log_every_n_steps=1", "data.batch_size=2", "data.num_workers=0", "data.source_size=[36,64]",
         "data.target_size=[32,64]"]
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from helpers import ENV, tiny_overrides
 
 
 def _slurm_up() -> bool:
@@ -38,8 +38,6 @@ def _slurm_up() -> bool:
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
     not _slurm_up(), reason="no SLURM running here: `bash scripts/slurm_local.sh start` (root) starts a one-node one")]
 
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-       "HYDRA_FULL_ERROR": "0"}
 # 1 CPU per job (no loader workers) so that two jobs share the node; tiny images
 JOB = ["trainer.val_check_interval=10", "trainer.log_every_n_steps=1", "data.batch_size=2", "data.num_workers=0",
        "data.source_size=[36,64]", "data.target_size=[32,64]", "callbacks.periodic_checkpoint.every_n_train_steps=4"]

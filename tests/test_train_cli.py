@@ -7,18 +7,7 @@ import subprocess
 from pathlib import Path
 
 import torch
-from conftest import REPO, tiny_overrides
-
-
-def rtda_train(args, cwd, timeout=600):
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(["rtda-train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def run_folder(out: str) -> Path:
-    match = re.search(r"^run folder: (.+)$", out, re.M)
-    assert match, out[-3000:]
-    return Path(match.group(1))
+from helpers import REPO, rtda_train, run_folder, tiny_overrides
 
 
 def test_fast_dev_run_writes_a_summary_and_results(tiny_demo_dir, tmp_path):
@@ -45,6 +34,17 @@ def test_short_run_saves_resumable_checkpoints_with_config(trained_run):
     assert {"train/loss", "train/loss_seg", "train/loss_aux/context16", "val/mIoU", "val/IoU/road", "test/mIoU"} <= set(metrics)
     assert list((folder / "predictions").glob("val_step*.png"))
     assert (folder / ".hydra" / "config.yaml").is_file()
+
+
+def test_the_console_counts_iterations_and_shows_no_lightning_noise(trained_run):
+    """What a new user sees: the bar at iteration N of max_steps, the parameters, no FLOPs read as 0, no
+    epochs out of -2, none of Lightning's lines that say nothing about the run."""
+    out = trained_run["stdout"] + trained_run["stderr"]
+    assert re.search(r"^iteration +\S+ 6/6 ", out, re.M), out[-2000:]
+    assert "iteration 3/6: val/mIoU" in out and "parameters: 12.1 M trainable" in out
+    for noise in ("Epoch ", "/-2", "Total FLOPs", "litlogger", "`srun` command", "LeafSpec", "on_after_batch_transfer",
+                  "weights_only` was not set", "Test metric", "TPU available"):
+        assert noise not in out, noise
 
 
 def test_resume_continues_from_last_checkpoint(trained_run, tmp_path):

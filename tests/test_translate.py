@@ -3,7 +3,6 @@ resumable; and the two-stage CycleGAN pipeline through the console scripts (slow
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -12,16 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import ENV, rtda_train, run_folder, tiny_overrides
 from PIL import Image
-from test_train_cli import rtda_train, run_folder
 
 from rtda.data.gta5 import GTA5
 
 
 def rtda_translate(args, cwd, timeout=600):
     """``rtda-translate`` as ``python -m rtda.cli.translate`` (works before the console script is installed)."""
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    env = dict(ENV)
     return subprocess.run([sys.executable, "-m", "rtda.cli.translate", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -86,8 +84,8 @@ def test_fda_translation_is_a_gta5_tree_seeded_resumable_and_multi_process(tiny_
 def test_bad_settings_name_their_key(settings, message):
     from omegaconf import OmegaConf
 
-    from rtda.run.errors import ConfigValueError
     from rtda.pipelines.translate import check_settings
+    from rtda.run.errors import ConfigValueError
 
     cfg = OmegaConf.create({"out": "x", "ckpt_path": None, "beta": 0.01, "seed": 0, "size": None, "num_workers": 0, **settings})
     with pytest.raises(ConfigValueError, match=re.escape(message)):
@@ -137,7 +135,7 @@ def test_two_stage_cyclegan_pipeline_through_the_console_scripts(tiny_demo_dir, 
     assert torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"] == 6
 
     # rtda-eval refuses it in one line: there is nothing to score
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline"}
+    env = dict(ENV)
     ev = subprocess.run(["rtda-eval", f"ckpt_path={ckpt_path}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert ev.returncode == 1 and "holds no segmentation network (trained by CycleGANModule)" in ev.stderr
 

@@ -62,7 +62,7 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule = hydra.utils.instantiate(cfg.data, **data_kwargs)
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, logger=False,
                          enable_checkpointing=False, default_root_dir=output_dir, enable_model_summary=False)
-    trainer.test(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)  # the summary lists the scores
 
     results = {
         "experiment": f"eval split={cfg.split} " + rtda_config.describe(cfg),

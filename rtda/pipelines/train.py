@@ -345,7 +345,8 @@ def _train(cfg: DictConfig, record: dict, state: dict) -> dict:
             if cfg.get("test_ckpt") == "best" and best:
                 tested = best
             # always a file: with none, Lightning inside a SLURM job tests the hpc_ckpt the run resumed from
-            trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True)
+            trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True,
+                         verbose=False)  # the summary below lists the scores
         status = "success"
     finally:
         for logger in loggers:  # flushes what is buffered (CSV rows), also when the run failed
