@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ENV, REPO, tiny_overrides
+from helpers import ENV, REPO, run_main, tiny_overrides
 
 from rtda.analysis.compare import compare, load_runs, plot_per_class, summarize
+from rtda.cli.compare import main as compare_main
 
 CLASSES = ["road", "sidewalk", "car"]
 
@@ -138,20 +139,21 @@ def _write(path: Path, text: str) -> Path:
     (lambda p: _write(p / "r" / "results.json", "{not json").parent.parent, "not a readable results.json"),
     (lambda p: _write(p / "notes.txt", "x"), "expected a run or sweep folder"),
 ])
-def test_bad_paths_are_one_line_naming_them(tmp_path, make, fragment):
+def test_bad_paths_are_one_line_naming_them(tmp_path, make, fragment, monkeypatch, capsys):
     path = make(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "rtda.cli.compare", str(path), "--out", str(tmp_path / "o")], env=ENV,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("rtda: error: ") and fragment in lines[0], proc.stderr
+    proc = run_main(compare_main, [str(path), "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    code, err = proc.returncode, proc.stderr
+    assert code == 1
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rtda: error: ") and fragment in lines[0], err
     assert str(tmp_path) in lines[0]
 
 
-def test_no_arguments_is_one_line_with_the_usage(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rtda.cli.compare"], env=ENV, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and proc.stderr.strip().startswith("rtda: error: ")
-    assert "usage: rtda-compare PATH" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+def test_no_arguments_is_one_line_with_the_usage(monkeypatch, capsys):
+    proc = run_main(compare_main, [], monkeypatch, capsys)
+    code, err = proc.returncode, proc.stderr
+    assert code == 1 and err.strip().startswith("rtda: error: ")
+    assert "usage: rtda-compare PATH" in err and len(err.strip().splitlines()) == 1
 
 
 def test_console_script_is_declared():

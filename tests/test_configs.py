@@ -58,10 +58,3 @@ def test_data_dir_follows_the_environment(monkeypatch, tmp_path):
         cfg = compose("train", return_hydra_config=True)
     assert cfg.paths.data_dir == "/datasets"
     assert cfg.data.source.root == "/datasets/demo/gta5"
-
-
-def test_unknown_option_lists_the_valid_ones():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        with pytest.raises(Exception, match=r"(?s)model/bisenet_r1000.*bisenet_r18"):
-            compose("train", overrides=["model=bisenet_r1000"])

@@ -35,9 +35,16 @@ def test_a_wheel_in_a_fresh_venv_runs_a_users_own_experiment(tiny_demo_dir, tmp_
                             str(wheels), str(REPO)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("rtda-*.whl")
-    venv = tmp_path / "venv"  # its own site-packages first; torch & co. from the system site
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    # a fresh venv: its own site-packages first, then this environment's (torch & co.) by a .pth file. Not
+    # --system-site-packages: inside a venv (as CI and users run the tests) that is the bare base interpreter.
+    # The .pth lines add folders without running their own .pth files, so the checkout's editable install stays out
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    outer = subprocess.run([sys.executable, "-c", "import site; print(*site.getsitepackages(), sep='\\n')"],
+                           capture_output=True, text=True, check=True).stdout
+    (site_dir,) = (venv / "lib").glob("python*/site-packages")
+    (site_dir / "outer_environment.pth").write_text(outer)
     install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q", str(wheel)],
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-3000:]

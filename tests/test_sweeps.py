@@ -6,10 +6,11 @@ import sys
 
 import pytest
 import torch
-from helpers import ENV, TINY_DEMO, compose_config, tiny_overrides
+from helpers import ENV, TINY_DEMO, compose_config, run_main, tiny_overrides
 from omegaconf import OmegaConf
 
 from rtda.run import resolvers
+from rtda.run.launchers import main as launchers_main
 
 TINY_RUN = ["trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=2", "data.num_workers=0",
             "data.source_size=[36,64]", "data.target_size=[32,64]", "+trainer.limit_val_batches=1",
@@ -164,10 +165,9 @@ def test_slurm_launcher_composes_from_the_command_line(tmp_path):
     assert "tasks_per_node" in launcher and "max_num_timeout" in launcher and "setup" in launcher
 
 
-def test_slurm_dry_run_prints_the_sbatch_script(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rtda.run.launchers", "trainer=ddp", "trainer.devices=2", "+trainer.num_nodes=1",
-                           "hydra.launcher.timeout_min=90", 'hydra.launcher.setup=["source ~/env/bin/activate"]'],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+def test_slurm_dry_run_prints_the_sbatch_script(tmp_path, monkeypatch, capsys):
+    proc = run_main(launchers_main, ["trainer=ddp", "trainer.devices=2", "+trainer.num_nodes=1", "hydra.launcher.timeout_min=90",
+                                     'hydra.launcher.setup=["source ~/env/bin/activate"]'], monkeypatch, capsys, tmp_path)
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout
     for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --gpus-per-node=2", "#SBATCH --time=90", "#SBATCH --signal=USR2@",
@@ -175,9 +175,8 @@ def test_slurm_dry_run_prints_the_sbatch_script(tmp_path):
         assert line in script, script
 
 
-def test_slurm_with_all_devices_asks_for_a_number(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rtda.run.launchers", "trainer=ddp", "trainer.devices=auto"],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+def test_slurm_with_all_devices_asks_for_a_number(tmp_path, monkeypatch, capsys):
+    proc = run_main(launchers_main, ["trainer=ddp", "trainer.devices=auto"], monkeypatch, capsys, tmp_path)
     assert proc.returncode == 1 and "trainer.devices='auto'" in proc.stderr and "trainer.devices=4" in proc.stderr
 
 

@@ -3,19 +3,20 @@ method, compiling the segmenter. Speed itself is measured in BENCHMARKS.md, neve
 
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, tiny_overrides
+from helpers import ENV, run_main, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from rtda.bench.training import MethodRow, PeakMemory, SyntheticBatches, _timed_intervals
+from rtda.cli.bench import main as bench_main
+from rtda.data.cache import main as cache_main
 from rtda.run.config import CONFIG_DIR
 
 METHODS = ["source_only", "adversarial", "minent", "advent", "fda", "fda_ssl", "cyclegan", "dacs", "mic"]
@@ -126,9 +127,8 @@ def test_deeplab_from_random_init_trains_finitely_in_the_benchmark(tmp_path):
     assert all(torch.isfinite(p).all() for p in row.module.parameters())
 
 
-def test_train_mode_refuses_a_batch_of_one(tmp_path):
-    proc = subprocess.run(["rtda-bench", "bench.mode=train", "bench.train_batch_size=1"], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+def test_train_mode_refuses_a_batch_of_one(tmp_path, monkeypatch, capsys):
+    proc = run_main(bench_main, ["bench.mode=train", "bench.train_batch_size=1"], monkeypatch, capsys, tmp_path)
     assert proc.returncode == 1 and "bench.train_batch_size=1" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -271,8 +271,7 @@ def test_cache_resizes_a_mismatched_gta5_label_as_the_reader_does(tmp_path):
         assert torch.equal(original[i]["image"], cached[i]["image"]) and torch.equal(original[i]["label"], cached[i]["label"])
 
 
-def test_cache_cli_names_a_missing_dataset(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rtda.data.cache", str(tmp_path / "c"), f"paths.data_dir={tmp_path}"],
-                          env=ENV, capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir())
+def test_cache_cli_names_a_missing_dataset(tmp_path, monkeypatch, capsys):
+    proc = run_main(cache_main, [str(tmp_path / "c"), f"paths.data_dir={tmp_path}"], monkeypatch, capsys, tempfile.gettempdir())
     assert proc.returncode == 1 and "GTA5: folder not found" in proc.stderr and "Traceback" not in proc.stderr
     assert not Path(tmp_path / "c").exists() or not any(Path(tmp_path / "c").iterdir())

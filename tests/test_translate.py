@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, rtda_train, run_folder, tiny_overrides
+from helpers import ENV, rtda_train, run_folder, run_main, tiny_overrides
 from PIL import Image
 
+from rtda.cli.translate import main as translate_main
 from rtda.data.gta5 import GTA5
 
 
@@ -92,9 +93,9 @@ def test_bad_settings_name_their_key(settings, message):
         check_settings(cfg)
 
 
-def test_a_bad_argument_is_one_line_on_the_command_line(tmp_path):
-    proc = rtda_translate(["method=cyclegan", "ckpt_path=/nonexistent/last.ckpt", f"out={tmp_path / 'out'}",
-                           f"paths.data_dir={tmp_path}"], cwd=tmp_path, timeout=120)
+def test_a_bad_argument_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):
+    proc = run_main(translate_main, ["method=cyclegan", "ckpt_path=/nonexistent/last.ckpt", f"out={tmp_path / 'out'}",
+                                     f"paths.data_dir={tmp_path}"], monkeypatch, capsys, tmp_path)
     assert proc.returncode == 1 and proc.stderr == "rtda: error: ckpt_path: no such checkpoint file: /nonexistent/last.ckpt\n"
     assert not (tmp_path / "demo").exists() and not (tmp_path / "out").exists()  # refused before any work
 

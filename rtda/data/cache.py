@@ -163,6 +163,11 @@ def cache_training_sets(out: str | Path, overrides: list[str], workers: int = 1)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m rtda.data.cache OUT [overrides]``; a user error is one line and exit status 1."""
+    run_cli(lambda: _cache(sys.argv[1:] if argv is None else argv))
+
+
+def _cache(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m rtda.data.cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder for the copies (one sub-folder per dataset)")
     parser.add_argument("overrides", nargs="*", help="rtda-train overrides choosing the data (default data=gta5_to_cityscapes)")
@@ -182,4 +187,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(sys.argv[1:]))
+    main()
