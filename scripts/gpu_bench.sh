@@ -23,7 +23,7 @@ for size in $sizes; do
   for prec in $precisions; do
     variants='[plain,eager,channels_last]'
     [ "$prec" = bf16 ] && variants='[plain,eager,channels_last,compile]'
-    python3 -m rtda.bench.inference -m model=bisenet_r18,deeplabv2_r101 bench.device=$device bench.precision=$prec \
+    python3 -m rtda.cli.bench -m model=bisenet_r18,deeplabv2_r101 bench.device=$device bench.precision=$prec \
       bench.height=$h bench.width=$w "bench.variants=$variants" bench.warmup=10 bench.min_runs=30 \
       bench.max_seconds=3 bench.matmul_ceiling=true "hydra.sweep.dir=$out/${size}_$prec" > "$out/${size}_$prec.log" 2>&1 \
       || { tail -30 "$out/${size}_$prec.log"; exit 1; }
@@ -35,11 +35,11 @@ if [ "${RTDA_BENCH_TRAIN:-1}" = 1 ]; then
     bs=8; lr=2.5e-2
     [ "$model" = deeplabv2_r101 ] && { bs=2; lr=2.5e-4; }   # DeepLabV2: its experiments' rate and batch
     for prec in ${RTDA_BENCH_TRAIN_PRECISIONS:-fp32 bf16}; do
-      python3 -m rtda.bench.inference bench.mode=train model=$model optimizer.lr=$lr bench.device=$device bench.precision=$prec \
+      python3 -m rtda.cli.bench bench.mode=train model=$model optimizer.lr=$lr bench.device=$device bench.precision=$prec \
         bench.height=512 bench.width=1024 bench.train_batch_size=$bs "bench.methods=$methods" bench.train_iterations=5 \
         bench.min_rounds=3 bench.max_rounds=6 bench.max_seconds=4 "hydra.run.dir=$out/train_${model}_$prec" \
         > "$out/train_${model}_$prec.log" 2>&1 || { tail -30 "$out/train_${model}_$prec.log"; exit 1; }
     done
   done
 fi
-python3 -m rtda.bench.inference --collect "$out"
+python3 -m rtda.cli.bench --collect "$out"

@@ -11,6 +11,7 @@ from torch import nn
 
 from rtda.adaptation.advent import entropy_loss, self_information
 from rtda.adaptation.gan_losses import gan_loss
+from rtda.adaptation.segmentation import SegmentationModule
 from rtda.models.bisenet import BiSeNet
 from rtda.models.deeplabv2 import DeepLabV2
 from rtda.models.discriminator import FCDiscriminator
@@ -243,3 +244,16 @@ def test_ddp_options_come_from_the_method():
     assert strategy._start_method == "spawn"
     assert method_strategy("ddp", module("advent"))["strategy"]._start_method == "popen"
     assert method_strategy("ddp", module("source_only")) == {} and method_strategy("auto", module("adversarial")) == {}
+
+
+def test_compile_options_from_a_config_node_reach_torch_compile(monkeypatch):
+    """Hydra hands ``adaptation.compile={mode: …}`` over as a DictConfig (no ``_convert_``): its keys still reach
+    ``nn.Module.compile``."""
+    from omegaconf import OmegaConf
+
+    m = SegmentationModule(bisenet(), num_classes=NUM_CLASSES, class_names=list("abcd"),
+                           compile=OmegaConf.create({"mode": "max-autotune", "dynamic": False}))
+    seen = {}
+    monkeypatch.setattr(m.net, "compile", lambda **kwargs: seen.update(kwargs))
+    m.setup("fit")
+    assert seen == {"mode": "max-autotune", "dynamic": False}

@@ -1,1 +1,2 @@
-"""One LightningModule per adaptation method; ``base.SegmentationModule`` is source-only training."""
+"""Training modules: the core every method stands on (``base.TrainingModule``), source-only segmentation
+(``segmentation.SegmentationModule``), the operations several methods share, and one file per method."""

@@ -237,7 +237,9 @@ class TrainingModule(pl.LightningModule):
         n = int(source["image"].shape[0]) if isinstance(source, dict) and "image" in source else 1
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=n)
         if "loss" in losses:
-            self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=n)
+            # under automatic optimization Lightning hands this hook the loss divided by accumulate_grad_batches
+            scale = self.trainer.accumulate_grad_batches if self.automatic_optimization else 1
+            self.log("train/loss", losses["loss"].detach() * scale, prog_bar=True, batch_size=n)
         # one host sync per iteration for all losses (a NaN or inf anywhere makes the mean non-finite)
         finite = not losses or bool(torch.isfinite(torch.stack([v.detach().float().mean() for v in losses.values()])).all())
         self.step_seconds.append(time.perf_counter() - self._step_start)  # after that sync: the step's real time

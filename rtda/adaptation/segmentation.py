@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from rtda.adaptation.base import TrainingModule, poly_lambda
+from rtda.adaptation.base import TrainingModule, plain, poly_lambda
 from rtda.data.labels import CLASS_NAMES, IGNORE_INDEX
 from rtda.data.normalization import normalize
 from rtda.data.render import prediction_panel
@@ -107,7 +107,7 @@ class SegmentationModule(TrainingModule):
 
     def setup(self, stage: str) -> None:
         """Compile the segmenter for training when asked (``compile``)."""
-        options = self.hparams.get("compile")
+        options = plain(self.hparams.get("compile"))  # a Hydra DictConfig of torch.compile's arguments, as a dict
         if stage == "fit" and options and not getattr(self, "_compiled", False):
             self.net.compile(**(dict(options) if isinstance(options, dict) else {}))
             self._compiled = True

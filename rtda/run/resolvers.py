@@ -73,7 +73,10 @@ def job_dirname(num, sweep_dir, task_overrides) -> str:
 
 def device_count() -> int:
     """GPUs on this machine, at least 1 (the ``rtda.device_count`` resolver: the parallel launcher's n_jobs)."""
-    return max(1, torch.cuda.device_count())
+    try:
+        return max(1, torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 -- a broken CUDA install: one job, as on a machine without GPUs
+        return 1
 
 
 def _device_number(accelerator, devices) -> int:
