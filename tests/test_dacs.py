@@ -11,7 +11,7 @@ from helpers import rtda_train, run_folder, tiny_overrides
 from torch import nn
 
 from rtda.adaptation.base import poly_lambda
-from rtda.adaptation.dacs import DACSModule, weighted_cross_entropy
+from rtda.adaptation.dacs import DACSModule
 from rtda.adaptation.features import downscale_label_ratio, masked_feature_distance
 from rtda.adaptation.mixing import (
     block_mask,
@@ -25,6 +25,7 @@ from rtda.adaptation.pseudo_labels import dacs_pseudo_labels
 from rtda.adaptation.teacher import EMATeacher, ema_alpha
 from rtda.data.datamodule import RareClassSampler, rare_class_probabilities
 from rtda.models.bisenet import BiSeNet
+from rtda.models.losses import pixel_cross_entropy
 from rtda.run.errors import ConfigValueError
 
 TINY = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.batch_size=2", "data.num_workers=0",
@@ -144,7 +145,7 @@ def test_pseudo_label_weighting_on_a_crafted_softmax():
     label = torch.tensor([[[0, 1], [255, 2]]])
     w = torch.tensor([[[1.0, 0.5], [1.0, 0.25]]])
     ce = torch.nn.functional.cross_entropy(logits, label, ignore_index=255, reduction="none")
-    assert weighted_cross_entropy(logits, label, w) == pytest.approx(float((ce * w).sum() / 4))
+    assert pixel_cross_entropy(logits, label, w) == pytest.approx(float((ce * w).sum() / 4))
 
 
 # -- strong augmentation, MIC masks, feature distance ----------------------------------------------------------
@@ -286,7 +287,7 @@ def test_mic_with_rare_class_sampling_end_to_end_and_fdist_refused_from_random_i
 @pytest.mark.slow
 def test_ddp_two_processes_keep_the_teacher_identical(tiny_demo_dir, tmp_path):
     proc = rtda_train(["trainer=ddp_cpu", "trainer.strategy=ddp", "adaptation=dacs", "callbacks=none", *TINY,
-                       "trainer.max_steps=4", *tiny_overrides(tiny_demo_dir)], cwd=tmp_path)
+                       "trainer.max_steps=4", *tiny_overrides(tiny_demo_dir)], cwd=tmp_path, process=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = run_folder(proc.stdout)
     check = json.loads((folder / "ema_teacher_check.json").read_text())

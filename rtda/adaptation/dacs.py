@@ -63,7 +63,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from rtda.adaptation.features import (
@@ -78,22 +77,13 @@ from rtda.adaptation.pseudo_labels import DACS_THRESHOLD, WEIGHTINGS, dacs_pseud
 from rtda.adaptation.segmentation import SegmentationModule
 from rtda.adaptation.spectrum import match_size
 from rtda.adaptation.teacher import EMATeacher, state_digest
-from rtda.data.labels import IGNORE_INDEX
 from rtda.data.render import colorize, to_rgb
-from rtda.models.outputs import as_outputs
 from rtda.run.errors import ConfigValueError, RtdaError
 
 log = logging.getLogger("rtda")
 
 
 # -- the method ----------------------------------------------------------------------------------------------------
-def weighted_cross_entropy(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor,
-                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """DACS's ``CrossEntropyLoss2dPixelWiseWeighted``: ``mean(CE · w)`` over all pixels, ignored ones as 0."""
-    ce = F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction="none")
-    return (ce * weight).mean()
-
-
 class DACSModule(SegmentationModule):
     """DACS, with MIC's masked image consistency and DAFormer's ImageNet feature distance as options.
 
@@ -194,13 +184,8 @@ class DACSModule(SegmentationModule):
             self.log("train/ema_alpha", alpha, batch_size=1)
 
     def weighted_segmentation_loss(self, outputs, label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """:func:`weighted_cross_entropy` on the main output plus each deep-supervision head × its weight."""
-        outputs = as_outputs(outputs)
-        weights = getattr(self.net, "aux_weights", {})
-        total = weighted_cross_entropy(outputs.out, label, weight, self.hparams.ignore_index)
-        for name, logits in outputs.aux.items():
-            total = total + weights[name] * weighted_cross_entropy(logits, label, weight, self.hparams.ignore_index)
-        return total
+        """The network's loss terms with DACS's per-pixel weights (``mean(CE · w)`` for cross-entropy)."""
+        return self.segmentation_loss(outputs, label, weight)[0]
 
     def pseudo_labels(self, target_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The teacher's pseudo-labels and weights of a normalised target batch (+ the confident share)."""

@@ -29,7 +29,8 @@ from rtda.data.labels import CLASS_NAMES, IGNORE_INDEX
 from rtda.data.normalization import normalize
 from rtda.data.render import prediction_panel
 from rtda.metrics import SegmentationMetrics
-from rtda.models.outputs import as_outputs, main_logits
+from rtda.models.losses import loss_terms, total_loss
+from rtda.models.outputs import main_logits
 from rtda.run.errors import ConfigValueError
 from rtda.run.results import test_scores
 
@@ -117,7 +118,7 @@ class SegmentationModule(TrainingModule):
         """Build the method's own networks (discriminators, a translator) as submodules."""
 
     def configure_losses(self) -> None:
-        self.seg_criterion = nn.CrossEntropyLoss(ignore_index=self.hparams.ignore_index)
+        """Build the method's own loss modules (the segmentation loss comes with the network)."""
 
     def configure_metrics(self) -> None:
         self.val_metrics = SegmentationMetrics(self.hparams.num_classes, self.hparams.ignore_index)
@@ -132,19 +133,13 @@ class SegmentationModule(TrainingModule):
         memory format."""
         return self.to_memory_format(normalize(image))
 
-    def segmentation_loss(self, outputs, label: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Cross-entropy on the main output plus each deep-supervision head weighted by ``net.aux_weights``;
-        returns (total, parts) with parts ``loss_seg`` and ``loss_aux/<head>``."""
-        outputs = as_outputs(outputs)
-        weights = getattr(self.net, "aux_weights", {})
-        parts = {"loss_seg": self.seg_criterion(outputs.out, label)}
-        total = parts["loss_seg"]
-        for name, logits in outputs.aux.items():
-            if name not in weights:
-                raise ConfigValueError(f"{type(self.net).__name__} returned auxiliary head {name!r} but no aux_weights[{name!r}]")
-            parts[f"loss_aux/{name}"] = self.seg_criterion(logits, label)
-            total = total + weights[name] * parts[f"loss_aux/{name}"]
-        return total, parts
+    def segmentation_loss(self, outputs, label: torch.Tensor,
+                          weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The network's supervised loss terms (:func:`rtda.models.losses.loss_terms`: cross-entropy on the main
+        output and each deep-supervision head × ``net.aux_weights``, or the network's own terms: PIDNet's OHEM
+        and boundary losses, STDC's detail loss), with optional per-pixel ``weight``; returns (total, parts) with
+        parts ``loss_seg``, ``loss_aux/<head>`` and the network's own names."""
+        return total_loss(loss_terms(self.net, outputs, label, weight, self.hparams.ignore_index))
 
     @torch.no_grad()
     def predict_logits(self, image: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:

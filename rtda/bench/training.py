@@ -54,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from rtda.adaptation.base import build_method, method_class, poly_lambda, trains_segmenter
 from rtda.data.normalization import normalize
 from rtda.models.frozen_bn import FrozenBatchNorm2d
-from rtda.models.outputs import as_outputs
+from rtda.models.losses import loss_terms, total_loss
 from rtda.run.errors import ConfigValueError, TrainingDiverged, one_line
 
 log = logging.getLogger("rtda")
@@ -386,15 +386,10 @@ class PlainLoopRow:
             self.net.compile(**(dict(compile_options) if isinstance(compile_options, dict) else {}))
         self.normalize = normalize
         self.params = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
-        weights = getattr(self.net, "aux_weights", {})
-        criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
+        net = self.net
 
-        def loss_fn(outputs, label):
-            outputs = as_outputs(outputs)
-            loss = criterion(outputs.out, label)
-            for head, logits in outputs.aux.items():
-                loss = loss + weights[head] * criterion(logits, label)
-            return loss
+        def loss_fn(outputs, label):  # the network's own terms (cross-entropy + aux heads, or OHEM, boundary ...)
+            return total_loss(loss_terms(net, outputs, label))[0]
 
         self.loss_fn = loss_fn
         lr = ref.optimizer_factory.keywords.get("lr")

@@ -11,6 +11,9 @@ mode it may return :class:`SegmentationOutputs`:
   network lists their names up front in ``adaptation_levels`` so a method can build one discriminator
   per level before the first forward pass.
 
+* ``extra``: other training outputs the network's own losses read (PIDNet's boundary head, STDC's detail
+  head), by name; methods leave them alone.
+
 A logits tensor may belong to both ``aux`` and ``levels`` (DeepLabV2's layer3 head is both).
 """
 
@@ -27,6 +30,7 @@ class SegmentationOutputs:
     out: torch.Tensor
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     levels: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def level_logits(self) -> dict[str, torch.Tensor]:
         """Every adaptation level, the main output first under the name ``"out"``."""
