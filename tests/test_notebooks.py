@@ -204,7 +204,9 @@ def test_bench_rows_take_the_newest_matching_result_and_speed_points_join_them(t
         bench_rows(tmp_path, ["deeplabv2_r101"], (64, 128))  # and no outputs folder to measure it into
     rows = [{"group": "g", "label": "FDA", "setting": {"model": "bisenet_r18"}, "mIoU": 40.0, "mIoU_std": 1.0},
             {"group": "h", "setting": {"model": "deeplabv2_r101"}, "mIoU": 45.0, "mIoU_std": None}]
-    assert speed_points(rows, speeds) == [{"label": "FDA", "model": "bisenet_r18", "fps": 60.0, "mIoU": 40.0, "mIoU_std": 1.0}]
+    points = speed_points(rows, speeds)  # the network without a speed is left out
+    assert [{k: p[k] for k in ("label", "model", "method", "fps", "mIoU", "mIoU_std", "on_front")} for p in points] == [
+        {"label": "FDA", "model": "bisenet_r18", "method": "FDA", "fps": 60.0, "mIoU": 40.0, "mIoU_std": 1.0, "on_front": True}]
 
 
 def test_a_runs_checkpoint_is_the_tested_one_else_last(tmp_path):

@@ -17,6 +17,13 @@ interrupted and still-running jobs are listed apart and never averaged.
 Writes ``comparison.csv``, ``comparison.md`` and ``comparison_per_class.png`` (grouped bars, std as error
 bars) into ``--out`` (default: the single folder given, else ``./comparison``). W&B is not needed.
 
+With ``--bench PATH…`` (rtda-bench output folders), also the accuracy–speed front (:mod:`rtda.analysis.front`):
+each group's target mIoU at its network's FPS (the newest ``--variant`` row at ``--size``), ``front.csv`` (model,
+method, group, runs, seeds, mIoU, mIoU_std, fps, latency_ms, on_front) and ``front.png`` (one marker per network,
+one colour per method, std error bars, the Pareto front as a step line, 30 FPS dashed)::
+
+    rtda-compare outputs/train/multiruns/<stamp> --bench outputs/bench
+
 The Python API is what the notebooks use::
 
     from rtda.analysis.compare import load_runs, summarize, plot_per_class
@@ -36,7 +43,19 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from rtda.analysis.figures import iou_bars
+from rtda.analysis.figures import accuracy_vs_fps, iou_bars
+from rtda.analysis.front import (
+    DEFAULT_SIZE,
+    DEFAULT_VARIANT,
+    bench_command,
+    front_points,
+    front_text,
+    missing_models,
+    newest_bench_rows,
+    size_text,
+    speed_title,
+    write_front_csv,
+)
 from rtda.run.errors import RtdaError
 from rtda.run.files import atomic_write_text, check_writable
 from rtda.run.results import NOT_EXPERIMENT_KEYS as NOT_RUN_KEYS
@@ -315,10 +334,15 @@ def plot_per_class(rows: Sequence[dict], path: str | Path | None = None, title: 
 
 
 def compare(paths: Sequence[str | Path], out: str | Path | None = None, ignore: Sequence[str] = (),
-            plot: bool = True) -> dict:
-    """Load, summarise, print and write the comparison; returns ``{"rows", "runs", "files"}``."""
+            plot: bool = True, bench: Sequence[str | Path] | None = None, variant: str = DEFAULT_VARIANT,
+            size: Sequence[int] = DEFAULT_SIZE) -> dict:
+    """Load, summarise, print and write the comparison; returns ``{"rows", "runs", "files", "front"}``.
+
+    ``bench`` (rtda-bench output folders or bench.json files): also the accuracy–speed front
+    (:func:`write_front`), ``front.csv`` and ``front.png``, of the ``variant`` rows at input ``size`` (H, W)."""
     runs = load_runs(paths, ignore)
     rows = summarize(runs)
+    speeds = newest_bench_rows(bench, variant, size) if bench else None  # a bad --bench stops before writing
     if out is None:
         only = Path(paths[0]) if len(paths) == 1 else None
         out = only if only is not None and only.is_dir() else Path("comparison")
@@ -332,10 +356,38 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None, ignore: 
         files["plot"] = out / "comparison_per_class.png"
         plot_per_class(rows, files["plot"])
     print(to_text(rows, runs))
+    points = None
+    if speeds is not None and rows:
+        points, written = write_front(rows, speeds, out, variant, size, plot)
+        files.update(written)
     print("wrote " + ", ".join(str(p) for p in files.values()))
     if not rows:
         print("rtda-compare: no completed run with test scores to average", file=sys.stderr)
-    return {"rows": rows, "runs": runs, "files": files}
+    return {"rows": rows, "runs": runs, "files": files, "front": points}
+
+
+def write_front(rows: Sequence[dict], speeds: dict, out: str | Path, variant: str = DEFAULT_VARIANT,
+                size: Sequence[int] = DEFAULT_SIZE, plot: bool = True) -> tuple[list[dict], dict]:
+    """The accuracy–speed front of the summary ``rows`` at the rtda-bench ``speeds``
+    (:func:`rtda.analysis.front.newest_bench_rows`) into ``out``: ``front.csv`` and (``plot``) ``front.png``
+    (:func:`rtda.analysis.figures.accuracy_vs_fps`, the Pareto front drawn). A network without a speed is
+    named once on the console with the rtda-bench command that measures it, and left out. Returns the
+    points (:func:`rtda.analysis.front.front_points`) and the files written."""
+    out = Path(out)
+    for model in missing_models(rows, speeds):
+        print(f"no rtda-bench row for model {model} at {size_text(size)} (variant {variant}): run "
+              f"{bench_command(model, size, variant)} to put its groups on the front; left out")
+    points = front_points(rows, speeds)
+    if not points:
+        print("rtda-compare: no group's network has an rtda-bench row: no accuracy-speed front", file=sys.stderr)
+        return points, {}
+    files = {"front_csv": out / "front.csv"}
+    write_front_csv(points, files["front_csv"])
+    if plot:
+        files["front_plot"] = out / "front.png"
+        accuracy_vs_fps(points, front=True, path=files["front_plot"], title=speed_title(speeds))
+    print(front_text(points))
+    return points, files
 
 
 def class_recovery(oracle: dict, source_only: dict, methods: dict, class_names) -> dict:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from rtda.adaptation.fda import fda_source_to_target
+from rtda.analysis.front import pareto_front
 from rtda.data.labels import TRAIN_ID_PALETTE
 from rtda.data.render import colorize, resize_image, spread_index, to_rgb
 from rtda.models.cyclegan import translate_image
@@ -396,18 +397,31 @@ def recovery_bars(rec: dict, path=None):
     return _done(fig, path)
 
 
-def accuracy_vs_fps(points, real_time_fps: float | None = 30.0, path=None, title: str | None = None):
+def accuracy_vs_fps(points, real_time_fps: float | None = 30.0, path=None, title: str | None = None,
+                    front: bool = False):
     """The real-time trade-off: one point per setting at (FPS of its network, target mIoU ± std). ``points``:
-    dicts with ``label``, ``fps``, ``mIoU``, optional ``mIoU_std`` and ``model``; a dashed line marks
-    ``real_time_fps``. Settings sharing a network share its FPS: adaptation costs nothing at inference."""
+    dicts with ``label``, ``fps``, ``mIoU``, optional ``mIoU_std``, ``model`` and ``method``
+    (:func:`rtda.analysis.front.front_points`); a dashed line marks ``real_time_fps``. One marker shape per
+    network; one colour per method when the points name their methods, else per point. Settings sharing a
+    network share its FPS: adaptation costs nothing at inference. ``front``: the Pareto front (the points'
+    ``on_front``, else :func:`rtda.analysis.front.pareto_front`) drawn as a step line through its points."""
     fig = _figure(7, 4.5)
     ax = fig.subplots()
     models = list(dict.fromkeys(p.get("model", "") for p in points))
+    by_method = bool(points) and all("method" in p for p in points)
+    methods = list(dict.fromkeys(p["method"] for p in points)) if by_method else []
     markers = "osD^vP*X"
     for i, p in enumerate(points):
+        colour = GROUP_COLOURS[(methods.index(p["method"]) if by_method else i) % len(GROUP_COLOURS)]
         ax.errorbar(p["fps"], p["mIoU"], yerr=p.get("mIoU_std") or 0.0, fmt=markers[models.index(p.get("model", "")) % len(markers)],
-                    color=GROUP_COLOURS[i % len(GROUP_COLOURS)], capsize=3, markersize=8,
+                    color=colour, capsize=3, markersize=8, zorder=3,
                     label=p["label"] + (f" [{p['model']}]" if p.get("model") else ""))
+    if front and points:
+        flags = [p["on_front"] for p in points] if all("on_front" in p for p in points) else pareto_front(points)
+        best = sorted((p for p, on in zip(points, flags) if on), key=lambda p: (p["fps"], -p["mIoU"]))
+        # the best mIoU reachable at each speed or faster: down at each front point, flat to the next one
+        ax.step([p["fps"] for p in best], [p["mIoU"] for p in best], where="pre", color="0.35", linewidth=1.3,
+                zorder=2, label="Pareto front")
     if real_time_fps:
         ax.axvline(real_time_fps, color="black", linestyle="--", linewidth=1)
         ax.annotate(f"{real_time_fps:g} FPS", (real_time_fps, 0.02), xycoords=("data", "axes fraction"), rotation=90,

@@ -25,6 +25,7 @@ from pathlib import Path
 from rtda.adaptation.cyclegan import load_generator
 from rtda.adaptation.segmenter import segmenter_module
 from rtda.analysis.compare import class_names, class_recovery, load_run, load_runs
+from rtda.analysis.front import front_points, models_of, newest_bench_rows, speed_title  # noqa: F401 (the notebooks' names)
 from rtda.data.cityscapes import Cityscapes
 from rtda.data.demo import ensure_demo
 from rtda.data.gta5 import GTA5
@@ -293,19 +294,13 @@ def confusion_matrix(run: dict):
 def bench_rows(paths, models: Sequence[str], size: Sequence[int] = (512, 1024), variant: str = "eager",
                outputs: str | Path | None = None, overrides: Sequence[str] = ()) -> dict:
     """{model: rtda-bench row} of each network: the newest ``bench.json`` row under ``paths`` for that model,
-    ``variant`` (``eager``: rtda's inference path) and input ``size`` (H, W); a model without one is measured
-    now with ``rtda-bench model=<model> bench.height=H bench.width=W bench.variants=[variant]`` (+ ``overrides``)
-    into ``outputs/bench``."""
+    ``variant`` (``eager``: rtda's inference path) and input ``size`` (H, W)
+    (:func:`rtda.analysis.front.newest_bench_rows`, as ``rtda-compare --bench`` reads them; missing folders
+    skipped); a model without one is measured now with ``rtda-bench model=<model> bench.height=H
+    bench.width=W bench.variants=[variant]`` (+ ``overrides``) into ``outputs/bench``."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    found = newest_bench_rows([resolve(p) for p in paths], variant, size, strict=False)
     wanted = f"x{size[0]}x{size[1]}"
-    files = []
-    for p in ([paths] if isinstance(paths, (str, Path)) else paths):
-        if Path(p).is_dir():
-            files += list(resolve(p).rglob("bench.json"))
-    found = {}
-    for f in sorted(files, key=lambda f: f.stat().st_mtime):  # newest last: it wins
-        for row in json.loads(f.read_text()):
-            if row.get("variant") == variant and str(row.get("input", "")).endswith(wanted) and row.get("fps"):
-                found[row["model"]] = row
     for model in models:
         if model in found:
             continue
@@ -326,25 +321,7 @@ def bench_rows(paths, models: Sequence[str], size: Sequence[int] = (512, 1024), 
     return {m: found[m] for m in models}
 
 
-def speed_points(rows: Sequence[dict], speeds: Mapping[str, dict], default_model: str = "bisenet_r18") -> list[dict]:
+def speed_points(rows: Sequence[dict], speeds: Mapping[str, dict], default_model: str | None = None) -> list[dict]:
     """The points of :func:`rtda.analysis.figures.accuracy_vs_fps`: each summary row's mIoU ± std at its network's FPS
-    (``speeds``: :func:`bench_rows`)."""
-    points = []
-    for row in rows:
-        model = row["setting"].get("model", default_model)
-        if model in speeds:
-            points.append({"label": row.get("label", row["group"]), "model": model, "fps": speeds[model]["fps"],
-                           "mIoU": row["mIoU"], "mIoU_std": row["mIoU_std"]})
-    return points
-
-
-def speed_title(speeds: Mapping[str, dict]) -> str:
-    """What the FPS were measured on: input, device, precision (from the rtda-bench rows)."""
-    row = next(iter(speeds.values()))
-    device = (row.get("machine") or {}).get("device", row.get("device", "?"))
-    return f"target mIoU vs FPS (rtda-bench {row.get('variant')}, input {row.get('input')}, {device}, {row.get('precision')})"
-
-
-def models_of(rows: Sequence[dict], default_model: str = "bisenet_r18") -> list[str]:
-    """The networks (``model`` choices) the summary rows were trained with."""
-    return list(dict.fromkeys(r["setting"].get("model", default_model) for r in rows))
+    (``speeds``: :func:`bench_rows`), method and Pareto-front flag included (:func:`rtda.analysis.front.front_points`)."""
+    return front_points(rows, speeds, default_model)
