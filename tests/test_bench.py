@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ENV
+from helpers import run_in_process
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,6 +15,7 @@ from torch import nn
 
 from rtda.bench.complexity import count_flops, count_parameters, measure_interleaved
 from rtda.bench.inference import _onnx_runner, benchmark, format_table
+from rtda.cli.bench import main as bench_main
 from rtda.models.bisenet import BiSeNet
 from rtda.run.config import CONFIG_DIR
 
@@ -73,10 +74,9 @@ def test_benchmark_rows(tmp_path):
 
 
 def test_cli_compares_networks_in_one_table(tmp_path):
-    env = dict(ENV)
     args = ["-m", "model=bisenet_r18,deeplabv2_r101", "bench.height=32", "bench.width=64", "bench.max_seconds=0.05",
             "bench.min_runs=2", "bench.warmup=1", "bench.variants=[plain,eager]", "bench.matmul_ceiling=false"]
-    proc = subprocess.run(["rtda-bench", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_in_process(bench_main, args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout.split("rtda-bench comparison", 1)[1]
     assert table.count("bisenet_r18") == 2 and table.count("deeplabv2_r101") == 2

@@ -3,12 +3,10 @@
 import csv
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import ENV, REPO, run_main, tiny_overrides
+from helpers import REPO, rtda_train, run_in_process, tiny_overrides
 
 from rtda.analysis.compare import compare, load_runs, plot_per_class, summarize
 from rtda.cli.compare import main as compare_main
@@ -121,8 +119,7 @@ def test_plot_api_returns_a_figure_for_notebooks(sweep):
 
 
 def test_cli_defaults_to_writing_into_the_folder_given(sweep):
-    proc = subprocess.run([sys.executable, "-m", "rtda.cli.compare", str(sweep)], env=ENV, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_in_process(compare_main, [str(sweep)])
     assert proc.returncode == 0, proc.stderr
     assert (sweep / "comparison.md").is_file() and (sweep / "comparison.csv").is_file()
 
@@ -139,9 +136,9 @@ def _write(path: Path, text: str) -> Path:
     (lambda p: _write(p / "r" / "results.json", "{not json").parent.parent, "not a readable results.json"),
     (lambda p: _write(p / "notes.txt", "x"), "expected a run or sweep folder"),
 ])
-def test_bad_paths_are_one_line_naming_them(tmp_path, make, fragment, monkeypatch, capsys):
+def test_bad_paths_are_one_line_naming_them(tmp_path, make, fragment):
     path = make(tmp_path)
-    proc = run_main(compare_main, [str(path), "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    proc = run_in_process(compare_main, [str(path), "--out", str(tmp_path / "o")])
     code, err = proc.returncode, proc.stderr
     assert code == 1
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -149,8 +146,8 @@ def test_bad_paths_are_one_line_naming_them(tmp_path, make, fragment, monkeypatc
     assert str(tmp_path) in lines[0]
 
 
-def test_no_arguments_is_one_line_with_the_usage(monkeypatch, capsys):
-    proc = run_main(compare_main, [], monkeypatch, capsys)
+def test_no_arguments_is_one_line_with_the_usage():
+    proc = run_in_process(compare_main, [])
     code, err = proc.returncode, proc.stderr
     assert code == 1 and err.strip().startswith("rtda: error: ")
     assert "usage: rtda-compare PATH" in err and len(err.strip().splitlines()) == 1
@@ -167,7 +164,7 @@ def test_two_job_sweep_through_the_cli_then_compare(tiny_demo_dir, tmp_path):
     rtda-compare on the sweep folder: one group of two seeds."""
     args = ["-m", "seed=1,2", "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=2",
             "data.num_workers=0", "data.source_size=[36,64]", "data.target_size=[32,64]", *tiny_overrides(tiny_demo_dir)]
-    proc = subprocess.run(["rtda-train", *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = rtda_train(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
@@ -176,8 +173,7 @@ def test_two_job_sweep_through_the_cli_then_compare(tiny_demo_dir, tmp_path):
         results = json.loads((sweep / job / "results.json").read_text())
         assert results["status"] == "completed" and results["seed"] == seed
         assert f"seed={seed}" in results["overrides"] and "trainer.max_steps=2" in results["overrides"]
-    proc = subprocess.run([sys.executable, "-m", "rtda.cli.compare", str(sweep)], cwd=tmp_path, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_in_process(compare_main, [str(sweep)], tmp_path)
     assert proc.returncode == 0, proc.stderr
     with open(sweep / "comparison.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import rtda_eval, run_main
+from helpers import rtda_eval, run_in_process
 
 from rtda.cli.evaluate import main as eval_main
 
@@ -43,6 +43,6 @@ def test_eval_overrides_change_the_split_and_resolution(trained_run):
     assert results["test/confmat"] != trained_run["test/confmat"]
 
 
-def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    proc = run_main(eval_main, [f"ckpt_path={tmp_path / 'nope.ckpt'}"], monkeypatch, capsys, tmp_path)
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    proc = run_in_process(eval_main, [f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path)
     assert proc.returncode == 1 and f"no such checkpoint file: {tmp_path / 'nope.ckpt'}" in proc.stderr

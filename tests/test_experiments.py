@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from helpers import rtda_train, run_folder, run_main
+from helpers import rtda_train, run_folder, run_in_process
 
 from rtda.cli.train import main as train_main
 from rtda.data.stats import cached_class_stats
@@ -36,9 +36,9 @@ def test_augmentation_sweep_is_one_multirun(tiny_demo_dir, tmp_path):
     assert {json.loads(r.read_text())["choices"]["augmentation"] for r in results} == {"none", "strong"}
 
 
-def test_missing_cityscapes_val_names_the_tree(tiny_demo_dir, tmp_path, monkeypatch, capsys):
+def test_missing_cityscapes_val_names_the_tree(tiny_demo_dir, tmp_path):
     (tmp_path / "gta5").symlink_to(tiny_demo_dir / "demo" / "gta5")
-    proc = run_main(train_main, ["experiment=gta5_source_only", f"paths.data_dir={tmp_path}", *SMALL], monkeypatch, capsys,
+    proc = run_in_process(train_main, ["experiment=gta5_source_only", f"paths.data_dir={tmp_path}", *SMALL],
                     tmp_path)
     assert proc.returncode == 1
     assert f"{tmp_path}/cityscapes/leftImg8bit/val" in proc.stderr and "gtFine/val/CITY" in proc.stderr

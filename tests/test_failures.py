@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, run_main, tiny_overrides
+from helpers import ENV, rtda_train, run_in_process, tiny_overrides
 from PIL import Image
 
 from rtda.cli.bench import main as bench_main
@@ -25,17 +25,12 @@ QUICK = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_eve
          "data.num_workers=0"]
 
 
-def run(command, args, cwd, timeout=600, env=None):
-    return subprocess.run([command, *args], cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=timeout)
-
-
 MAINS = {"rtda-train": train_main, "rtda-eval": eval_main, "rtda-bench": bench_main}
 
 
-@pytest.fixture
-def stopped(monkeypatch, capsys):
-    """``stopped(command, args, cwd)``: a command that stops on bad input before training, run in this process."""
-    return lambda command, args, cwd: run_main(MAINS[command], args, monkeypatch, capsys, cwd)
+def run(command, args, cwd, env=None):
+    """``COMMAND ARGS`` in ``cwd``: its ``main`` in this process."""
+    return run_in_process(MAINS[command], args, cwd, env)
 
 
 def assert_one_line_error(proc, *fragments):
@@ -76,7 +71,7 @@ def truncate_keeping_the_header(path: Path) -> None:
 
 @pytest.mark.slow
 def test_readme_ddp_command_trains_validates_tests_and_keeps_the_whole_history(tiny_demo_dir, tmp_path):
-    proc = run("rtda-train", ["trainer=ddp_cpu", *QUICK, *tiny_overrides(tiny_demo_dir)], tmp_path)
+    proc = rtda_train(["trainer=ddp_cpu", *QUICK, *tiny_overrides(tiny_demo_dir)], tmp_path, process=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = only_run_folder(tmp_path)
     results = json.loads((folder / "results.json").read_text())
@@ -93,7 +88,7 @@ def test_readme_ddp_command_trains_validates_tests_and_keeps_the_whole_history(t
 
 
 def test_divergence_stops_the_run_marks_it_failed_and_keeps_no_diverged_checkpoint(tiny_demo_dir, tmp_path):
-    proc = run("rtda-train", ["optimizer.lr=1e6", *QUICK, *tiny_overrides(tiny_demo_dir)], tmp_path)
+    proc = rtda_train(["optimizer.lr=1e6", *QUICK, *tiny_overrides(tiny_demo_dir)], tmp_path)
     line = assert_one_line_error(proc, "training diverged at iteration", "loss = nan")
     assert "target test mIoU" not in proc.stdout
     folder = only_run_folder(tmp_path)
@@ -119,7 +114,7 @@ def test_non_finite_weights_are_never_saved():
 
 
 def test_sweep_records_the_failed_job_and_runs_the_others(tiny_demo_dir, tmp_path):
-    proc = run("rtda-train", ["-m", "optimizer.lr=1e6,0.01", *QUICK, *tiny_overrides(tiny_demo_dir)], tmp_path)
+    proc = rtda_train(["-m", "optimizer.lr=1e6,0.01", *QUICK, *tiny_overrides(tiny_demo_dir)], tmp_path)
     assert_one_line_error(proc, "training diverged")
     sweep = next((tmp_path / "outputs" / "train" / "multiruns").iterdir())
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
@@ -133,8 +128,8 @@ def test_sweep_records_the_failed_job_and_runs_the_others(tiny_demo_dir, tmp_pat
 # -- config values ------------------------------------------------------------------------------------------
 
 
-def test_a_value_of_the_wrong_type_names_the_key_before_anything_runs(tiny_demo_dir, tmp_path, stopped):
-    proc = stopped("rtda-train", ["trainer.max_steps=abc", *tiny_overrides(tiny_demo_dir)], tmp_path)
+def test_a_value_of_the_wrong_type_names_the_key_before_anything_runs(tiny_demo_dir, tmp_path):
+    proc = run("rtda-train", ["trainer.max_steps=abc", *tiny_overrides(tiny_demo_dir)], tmp_path)
     assert_one_line_error(proc, "trainer.max_steps='abc'", "expected a positive number of training iterations")
     results = json.loads((only_run_folder(tmp_path) / "results.json").read_text())
     assert results["status"] == "failed" and results["error_type"] == "ConfigValueError"
@@ -164,20 +159,20 @@ def test_config_values_are_checked_with_the_key_named(override, fragment):
     assert fragment in str(err.value)
 
 
-def test_an_unknown_option_is_one_line_listing_the_choices(tmp_path, stopped):
-    proc = stopped("rtda-train", ["model=bisenet_r1000"], tmp_path)
+def test_an_unknown_option_is_one_line_listing_the_choices(tmp_path):
+    proc = run("rtda-train", ["model=bisenet_r1000"], tmp_path)
     assert_one_line_error(proc, "model/bisenet_r1000", "bisenet_r18", "deeplabv2_r101")
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------
 
 
-def test_eval_of_a_file_that_is_not_a_checkpoint(tmp_path, stopped):
+def test_eval_of_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("every run of the sweep\n")
-    proc = stopped("rtda-eval", [f"ckpt_path={tmp_path / 'notes.txt'}"], tmp_path)
+    proc = run("rtda-eval", [f"ckpt_path={tmp_path / 'notes.txt'}"], tmp_path)
     assert_one_line_error(proc, f"{tmp_path / 'notes.txt'} is not a PyTorch checkpoint")
     Image.new("RGB", (4, 4)).save(tmp_path / "image.png")
-    proc = stopped("rtda-eval", [f"ckpt_path={tmp_path / 'image.png'}"], tmp_path)
+    proc = run("rtda-eval", [f"ckpt_path={tmp_path / 'image.png'}"], tmp_path)
     assert_one_line_error(proc, "image.png is not a PyTorch checkpoint")
 
 
@@ -186,23 +181,23 @@ class _Payload:
         return (os.system, ("echo owned",))
 
 
-def test_eval_refuses_an_unsafe_checkpoint_without_suggesting_to_load_it(tmp_path, stopped):
+def test_eval_refuses_an_unsafe_checkpoint_without_suggesting_to_load_it(tmp_path):
     torch.save({"state_dict": {}, "rtda": {"config": {}}, "payload": _Payload()}, tmp_path / "evil.ckpt")
-    proc = stopped("rtda-eval", [f"ckpt_path={tmp_path / 'evil.ckpt'}"], tmp_path)
+    proc = run("rtda-eval", [f"ckpt_path={tmp_path / 'evil.ckpt'}"], tmp_path)
     assert_one_line_error(proc, "evil.ckpt was refused as unsafe", "system")
     assert "weights_only=False" not in proc.stderr + proc.stdout and "owned" not in proc.stdout
 
 
-def test_eval_of_a_truncated_checkpoint(trained_run, tmp_path, stopped):
+def test_eval_of_a_truncated_checkpoint(trained_run, tmp_path):
     cut = tmp_path / "cut.ckpt"
     whole = Path(trained_run["checkpoint"]).read_bytes()
     cut.write_bytes(whole[: len(whole) // 2])
-    proc = stopped("rtda-eval", [f"ckpt_path={cut}"], tmp_path)
+    proc = run("rtda-eval", [f"ckpt_path={cut}"], tmp_path)
     assert_one_line_error(proc, str(cut))
 
 
-def test_eval_of_a_checkpoint_with_another_class_count(trained_run, tmp_path, stopped):
-    proc = stopped("rtda-eval", [f"ckpt_path={trained_run['checkpoint']}", "data.num_classes=16"], trained_run["cwd"])
+def test_eval_of_a_checkpoint_with_another_class_count(trained_run, tmp_path):
+    proc = run("rtda-eval", [f"ckpt_path={trained_run['checkpoint']}", "data.num_classes=16"], trained_run["cwd"])
     assert_one_line_error(proc, "BiSeNet with 19 classes", "data.num_classes=16")
 
 
@@ -226,25 +221,24 @@ def test_resume_from_a_checkpoint_of_another_network_stops_before_training(train
 # -- destinations -------------------------------------------------------------------------------------------
 
 
-def test_an_unwritable_checkpoint_folder_stops_the_run_before_training(tiny_demo_dir, tmp_path, stopped):
+def test_an_unwritable_checkpoint_folder_stops_the_run_before_training(tiny_demo_dir, tmp_path):
     (tmp_path / "a_file").write_text("")
     target = tmp_path / "a_file" / "checkpoints"
-    proc = stopped("rtda-train", [f"callbacks.model_checkpoint.dirpath={target}", *QUICK, *tiny_overrides(tiny_demo_dir)],
+    proc = run("rtda-train", [f"callbacks.model_checkpoint.dirpath={target}", *QUICK, *tiny_overrides(tiny_demo_dir)],
                    tmp_path)
     assert_one_line_error(proc, f"cannot write checkpoints to {target}", "Not a directory")
     assert "Epoch" not in proc.stdout
 
 
 @pytest.mark.parametrize("command", ["rtda-train", "rtda-bench"])
-def test_an_unwritable_run_folder_is_one_line(command, tmp_path, stopped):
+def test_an_unwritable_run_folder_is_one_line(command, tmp_path):
     (tmp_path / "a_file").write_text("")
-    proc = stopped(command, [f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"], tmp_path)
+    proc = run(command, [f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"], tmp_path)
     assert_one_line_error(proc, f"cannot write the run folder to {tmp_path / 'a_file' / 'run'}")
 
 
 def test_full_traceback_only_when_asked(tmp_path):
-    proc = run("rtda-eval", [f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path, timeout=120,
-               env={**ENV, "HYDRA_FULL_ERROR": "1"})
+    proc = run("rtda-eval", [f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path, env={**ENV, "HYDRA_FULL_ERROR": "1"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "nope.ckpt" in proc.stderr
 
 

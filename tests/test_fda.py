@@ -3,13 +3,12 @@ and the method through the console scripts (train with three betas' pipeline ste
 
 import json
 import math
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ENV, rtda_train, run_folder, tiny_overrides
+from helpers import ENV, rtda_eval, rtda_train, run_folder, tiny_overrides
 from PIL import Image
 
 from rtda.adaptation.fda import charbonnier_entropy, fda_source_to_target  # the contract's import paths
@@ -215,18 +214,17 @@ def test_fda_pipeline_through_the_console_scripts(tiny_demo_dir, tmp_path):
 
     ckpt = folder / "checkpoints" / "last.ckpt"
     out = tmp_path / "pseudo"
-    cmd = ["rtda-eval", f"ckpt_path=[{ckpt},{ckpt}]", f"pseudo_labels.out={out}"]
-    ev = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    cmd = [f"ckpt_path=[{ckpt},{ckpt}]", f"pseudo_labels.out={out}"]
+    ev = rtda_eval(cmd, tmp_path, env=_env())
     assert ev.returncode == 0, ev.stderr[-3000:]
     manifest = json.loads((out / "pseudo_labels.json").read_text())
     assert manifest["image_root"].endswith("cityscapes") and manifest["num_images"] == 8 and len(manifest["thresholds"]) == 19 and manifest["size"] == [64, 128]
     assert 0 < manifest["quality"]["coverage"] < 1 and 0 <= manifest["quality"]["accuracy"] <= 1  # the demo has train labels
     written = sorted(out.glob("gtFine/train/*/*_gtFine_labelTrainIds.png"))
     assert len(written) == 8
-    again = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    again = rtda_eval(cmd, tmp_path, env=_env())
     assert again.returncode == 0 and "already written" in again.stdout
-    other = subprocess.run(["rtda-eval", f"ckpt_path={ckpt}", f"pseudo_labels.out={out}"], cwd=tmp_path, env=_env(),
-                           capture_output=True, text=True, timeout=600)
+    other = rtda_eval([f"ckpt_path={ckpt}", f"pseudo_labels.out={out}"], tmp_path, env=_env())
     assert other.returncode == 1 and "already exists and was not written from these checkpoints" in other.stderr
 
     ssl = rtda_train(["adaptation=fda_ssl", f"data.target.label_root={out}", *FDA_TINY, *tiny_overrides(tiny_demo_dir)],

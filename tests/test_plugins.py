@@ -63,8 +63,10 @@ def test_a_one_file_method_of_the_users_own_package_trains_and_evaluates(tiny_de
     ckpt = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["scales"] == [1.0, 0.5] and ckpt["hyper_parameters"]["lambda_flip"] == 0.5
 
-    # rtda-eval takes the segmenter out of the checkpoint without importing the user's method
-    scored = rtda_eval([f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}", "plot_confusion_matrix=false"], cwd=tmp_path)
+    # rtda-eval takes the segmenter out of the checkpoint without importing the user's method (a new process,
+    # without the user's package on its path)
+    scored = rtda_eval([f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}", "plot_confusion_matrix=false"], cwd=tmp_path,
+                       process=True)
     assert scored.returncode == 0, scored.stderr[-3000:]
     evaluated = json.loads((run_folder(scored.stdout) / "results.json").read_text())
     assert evaluated["test/mIoU"] == results["test/mIoU"]

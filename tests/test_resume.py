@@ -3,13 +3,12 @@
 import csv
 import json
 import random
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, TINY_DEMO, tiny_overrides
+from helpers import TINY_DEMO, rtda_train, tiny_overrides
 
 
 def test_random_state_round_trips_and_loads_weights_only(tmp_path):
@@ -58,8 +57,6 @@ def test_csv_rows_after_the_resumed_checkpoint_are_dropped_once(tmp_path):
     assert [(r["step"], r["train/loss"], r["val/mIoU"]) for r in rows] == [("0", "1.0", ""), ("1", "0.5", ""), ("1", "", "0.2")]
 
 
-def _train(args, cwd):
-    return subprocess.run(["rtda-train", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def _history(folder: Path) -> list[tuple]:
@@ -83,7 +80,7 @@ def uninterrupted(tiny_demo_dir, tmp_path_factory) -> Path:
     """The run every resumed one must reproduce, never interrupted: its run folder."""
     assert TINY_DEMO["source_count"] // 2 == 6
     cwd = tmp_path_factory.mktemp("uninterrupted")
-    proc = _train([*RESUME_RUN, *tiny_overrides(tiny_demo_dir), "run_name=A"], cwd)
+    proc = rtda_train([*RESUME_RUN, *tiny_overrides(tiny_demo_dir), "run_name=A"], cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd / "outputs" / "train" / "runs" / "A"
 
@@ -113,13 +110,13 @@ def test_a_run_killed_with_sigkill_resumes_bit_exact(kill_at, resumed_with, unin
     training loaders continue from the checkpoint's position in their epoch, with the same augmentation."""
     common = [*RESUME_RUN, *tiny_overrides(tiny_demo_dir), "run_name=B"]
     wandb = ["logger=many"] if kill_at == 4 else []  # the W&B run continues too (once: W&B's start is slow)
-    killed = _train([*common, *wandb, "+callbacks.kill._target_=kill_at.KillAt", f"+callbacks.kill.iteration={kill_at}"],
-                    tmp_path)
+    killed = rtda_train([*common, *wandb, "+callbacks.kill._target_=kill_at.KillAt",
+                         f"+callbacks.kill.iteration={kill_at}"], tmp_path, process=True)  # the process dies
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no cleanup ran
     folder_b = tmp_path / "outputs" / "train" / "runs" / "B"
     assert json.loads((folder_b / "results.json").read_text())["status"] == "running"  # what rtda-compare shows
     assert torch.load(folder_b / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == kill_at
-    resumed = _train([*common, *wandb, *resumed_with], tmp_path)
+    resumed = rtda_train([*common, *wandb, *resumed_with], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
     assert "Restoring states from the checkpoint" in output
@@ -140,6 +137,6 @@ def test_two_runs_of_the_same_seed_with_augmentation_are_identical(uninterrupted
     """The same command in another folder, its samples read by a DataLoader worker process this time: the same
     losses at every iteration and the same metrics (augmentation draws from generators seeded per sample, not
     from the OS entropy albumentations seeds itself with)."""
-    proc = _train([*RESUME_RUN, *tiny_overrides(tiny_demo_dir), "run_name=twin", "data.num_workers=1"], tmp_path)
+    proc = rtda_train([*RESUME_RUN, *tiny_overrides(tiny_demo_dir), "run_name=twin", "data.num_workers=1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _same_run(uninterrupted, tmp_path / "outputs" / "train" / "runs" / "twin")

@@ -13,15 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENV, tiny_overrides
+from helpers import ENV, rtda_train, tiny_overrides
 from omegaconf import OmegaConf
 
 TINY = ["trainer.log_every_n_steps=1", "data.batch_size=2", "data.num_workers=0", "data.source_size=[36,64]",
         "data.target_size=[32,64]"]
-
-
-def _train(args, cwd, **kwargs):
-    return subprocess.run(["rtda-train", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600, **kwargs)
 
 
 def _training_steps(run: Path) -> list[int]:
@@ -58,7 +54,7 @@ def test_sigterm_saves_the_iteration_and_the_same_command_resumes_it_with_the_lo
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped_at
     assert not list((run / "checkpoints").glob("last-v*.ckpt"))
 
-    resumed = _train(args, tmp_path)
+    resumed = rtda_train(args, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "completed" and results["resumed_from"]["iteration"] == stopped_at
@@ -85,7 +81,7 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_before_writing_anything
     try:
         _wait_for(run / "results.json", '"running"', first)
         config_before = (run / ".hydra" / "config.yaml").read_text()
-        second = _train([*args, "optimizer.lr=0.5"], tmp_path)
+        second = rtda_train([*args, "optimizer.lr=0.5"], tmp_path)
         assert second.returncode == 1, second.stderr[-3000:]
         (line,) = [ln for ln in second.stderr.splitlines() if ln.startswith("rtda: error")]
         assert f"the run folder {run.resolve()} is in use by rtda process {first.pid}" in line
@@ -123,8 +119,8 @@ def test_a_full_disk_is_one_line_naming_the_folder(tiny_demo_dir, tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("this machine does not allow mounting a tmpfs")
     try:  # BiSeNet-R18's checkpoint (weights + SGD state) is ~97 MB: it cannot fit
-        proc = _train([f"hydra.run.dir={disk}/run", "trainer.max_steps=2", "trainer.val_check_interval=2", *TINY,
-                       *tiny_overrides(tiny_demo_dir)], tmp_path)
+        proc = rtda_train([f"hydra.run.dir={disk}/run", "trainer.max_steps=2", "trainer.val_check_interval=2", *TINY,
+                           *tiny_overrides(tiny_demo_dir)], tmp_path, process=True)  # its files closed at exit: unmountable
         assert proc.returncode == 1, proc.stderr[-3000:]
         (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("rtda: error")]
         assert f"no space left on the device of {disk}/run/checkpoints" in line, line
@@ -139,11 +135,11 @@ def test_a_sweep_started_again_skips_completed_jobs_runs_new_ones_and_refuses_an
     sweep = tmp_path / "sweep"
     common = [f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", "trainer.val_check_interval=2", *TINY,
               *tiny_overrides(tiny_demo_dir)]
-    first = _train(["-m", "seed=0,1", *common], tmp_path)
+    first = rtda_train(["-m", "seed=0,1", *common], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     done = {name: (sweep / name / "results.json").read_text() for name in ("0_seed-0", "1_seed-1")}
 
-    again = _train(["-m", "seed=0,1,2", *common], tmp_path)
+    again = rtda_train(["-m", "seed=0,1,2", *common], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "rtda: job 0_seed-0: completed, skipped" in again.stdout
     assert "rtda: job 1_seed-1: completed, skipped" in again.stdout
@@ -151,7 +147,7 @@ def test_a_sweep_started_again_skips_completed_jobs_runs_new_ones_and_refuses_an
     assert json.loads((sweep / "2_seed-2" / "results.json").read_text())["status"] == "completed"
     assert "skipped" not in again.stdout.split("2_seed-2")[-1]
 
-    other = _train(["-m", "seed=0,1", "optimizer.lr=0.5", *common], tmp_path)
+    other = rtda_train(["-m", "seed=0,1", "optimizer.lr=0.5", *common], tmp_path)
     assert other.returncode == 1
     assert "sweep job 0_seed-0" in other.stderr and "optimizer.lr: 0.025 -> 0.5" in other.stderr
     assert {name: (sweep / name / "results.json").read_text() for name in done} == done

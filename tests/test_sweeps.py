@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ENV, TINY_DEMO, compose_config, run_main, tiny_overrides
+from helpers import ENV, TINY_DEMO, compose_config, rtda_train, run_in_process, tiny_overrides
 from omegaconf import OmegaConf
 
 from rtda.run import resolvers
@@ -156,8 +156,7 @@ def test_slurm_launcher_derives_resources_from_the_trainer():
 
 
 def test_slurm_launcher_composes_from_the_command_line(tmp_path):
-    proc = subprocess.run(["rtda-train", "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "--cfg", "hydra"],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    proc = rtda_train(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "--cfg", "hydra"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     launcher = OmegaConf.create(proc.stdout).hydra.launcher if proc.stdout.startswith("hydra:") else \
         OmegaConf.create(proc.stdout).launcher
@@ -165,9 +164,9 @@ def test_slurm_launcher_composes_from_the_command_line(tmp_path):
     assert "tasks_per_node" in launcher and "max_num_timeout" in launcher and "setup" in launcher
 
 
-def test_slurm_dry_run_prints_the_sbatch_script(tmp_path, monkeypatch, capsys):
-    proc = run_main(launchers_main, ["trainer=ddp", "trainer.devices=2", "+trainer.num_nodes=1", "hydra.launcher.timeout_min=90",
-                                     'hydra.launcher.setup=["source ~/env/bin/activate"]'], monkeypatch, capsys, tmp_path)
+def test_slurm_dry_run_prints_the_sbatch_script(tmp_path):
+    proc = run_in_process(launchers_main, ["trainer=ddp", "trainer.devices=2", "+trainer.num_nodes=1", "hydra.launcher.timeout_min=90",
+                                     'hydra.launcher.setup=["source ~/env/bin/activate"]'], tmp_path)
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout
     for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --gpus-per-node=2", "#SBATCH --time=90", "#SBATCH --signal=USR2@",
@@ -175,8 +174,8 @@ def test_slurm_dry_run_prints_the_sbatch_script(tmp_path, monkeypatch, capsys):
         assert line in script, script
 
 
-def test_slurm_with_all_devices_asks_for_a_number(tmp_path, monkeypatch, capsys):
-    proc = run_main(launchers_main, ["trainer=ddp", "trainer.devices=auto"], monkeypatch, capsys, tmp_path)
+def test_slurm_with_all_devices_asks_for_a_number(tmp_path):
+    proc = run_in_process(launchers_main, ["trainer=ddp", "trainer.devices=auto"], tmp_path)
     assert proc.returncode == 1 and "trainer.devices='auto'" in proc.stderr and "trainer.devices=4" in proc.stderr
 
 

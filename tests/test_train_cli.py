@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import torch
-from helpers import REPO, rtda_train, run_folder, run_main, tiny_overrides
+from helpers import REPO, rtda_train, run_folder, run_in_process, tiny_overrides
 
 from rtda.cli.train import main as train_main
 
@@ -68,9 +68,8 @@ def test_resume_continues_from_last_checkpoint(trained_run, tmp_path):
     assert any(r.get("test/mIoU") for r in rows)
 
 
-def test_missing_dataset_root_names_the_path(tmp_path, monkeypatch, capsys):
-    proc = run_main(train_main, ["debug=fdr", "data.prepare=null", f"paths.data_dir={tmp_path / 'nowhere'}"], monkeypatch,
-                    capsys, tmp_path)
+def test_missing_dataset_root_names_the_path(tmp_path):
+    proc = run_in_process(train_main, ["debug=fdr", "data.prepare=null", f"paths.data_dir={tmp_path / 'nowhere'}"], tmp_path)
     assert proc.returncode == 1
     assert f"{tmp_path / 'nowhere'}/demo/gta5/images" in proc.stderr and "Expected this layout" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -2,14 +2,13 @@
 method, compiling the segmenter. Speed itself is measured in BENCHMARKS.md, never asserted here."""
 
 import json
-import subprocess
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, run_main, tiny_overrides
+from helpers import run_in_process, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
@@ -29,7 +28,7 @@ def bench_cfg(*overrides):
 
 
 def _bench(tmp_path, *args) -> list[dict]:
-    proc = subprocess.run(["rtda-bench", *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = run_in_process(bench_main, args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(next(tmp_path.rglob("bench.json")).read_text())
 
@@ -127,8 +126,8 @@ def test_deeplab_from_random_init_trains_finitely_in_the_benchmark(tmp_path):
     assert all(torch.isfinite(p).all() for p in row.module.parameters())
 
 
-def test_train_mode_refuses_a_batch_of_one(tmp_path, monkeypatch, capsys):
-    proc = run_main(bench_main, ["bench.mode=train", "bench.train_batch_size=1"], monkeypatch, capsys, tmp_path)
+def test_train_mode_refuses_a_batch_of_one(tmp_path):
+    proc = run_in_process(bench_main, ["bench.mode=train", "bench.train_batch_size=1"], tmp_path)
     assert proc.returncode == 1 and "bench.train_batch_size=1" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -271,7 +270,7 @@ def test_cache_resizes_a_mismatched_gta5_label_as_the_reader_does(tmp_path):
         assert torch.equal(original[i]["image"], cached[i]["image"]) and torch.equal(original[i]["label"], cached[i]["label"])
 
 
-def test_cache_cli_names_a_missing_dataset(tmp_path, monkeypatch, capsys):
-    proc = run_main(cache_main, [str(tmp_path / "c"), f"paths.data_dir={tmp_path}"], monkeypatch, capsys, tempfile.gettempdir())
+def test_cache_cli_names_a_missing_dataset(tmp_path):
+    proc = run_in_process(cache_main, [str(tmp_path / "c"), f"paths.data_dir={tmp_path}"], tempfile.gettempdir())
     assert proc.returncode == 1 and "GTA5: folder not found" in proc.stderr and "Traceback" not in proc.stderr
     assert not Path(tmp_path / "c").exists() or not any(Path(tmp_path / "c").iterdir())

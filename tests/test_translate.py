@@ -4,25 +4,21 @@ resumable; and the two-stage CycleGAN pipeline through the console scripts (slow
 import json
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, rtda_train, run_folder, run_main, tiny_overrides
+from helpers import rtda_eval, rtda_train, run_folder, run_in_process, tiny_overrides
 from PIL import Image
 
 from rtda.cli.translate import main as translate_main
 from rtda.data.gta5 import GTA5
 
 
-def rtda_translate(args, cwd, timeout=600):
-    """``rtda-translate`` as ``python -m rtda.cli.translate`` (works before the console script is installed)."""
-    env = dict(ENV)
-    return subprocess.run([sys.executable, "-m", "rtda.cli.translate", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def rtda_translate(args, cwd):
+    """``rtda-translate ARGS`` run in ``cwd`` (its ``main``, in this process)."""
+    return run_in_process(translate_main, args, cwd)
 
 
 def _check_tree(out: Path, source: Path) -> None:
@@ -93,9 +89,9 @@ def test_bad_settings_name_their_key(settings, message):
         check_settings(cfg)
 
 
-def test_a_bad_argument_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):
-    proc = run_main(translate_main, ["method=cyclegan", "ckpt_path=/nonexistent/last.ckpt", f"out={tmp_path / 'out'}",
-                                     f"paths.data_dir={tmp_path}"], monkeypatch, capsys, tmp_path)
+def test_a_bad_argument_is_one_line_on_the_command_line(tmp_path):
+    proc = run_in_process(translate_main, ["method=cyclegan", "ckpt_path=/nonexistent/last.ckpt", f"out={tmp_path / 'out'}",
+                                     f"paths.data_dir={tmp_path}"], tmp_path)
     assert proc.returncode == 1 and proc.stderr == "rtda: error: ckpt_path: no such checkpoint file: /nonexistent/last.ckpt\n"
     assert not (tmp_path / "demo").exists() and not (tmp_path / "out").exists()  # refused before any work
 
@@ -136,8 +132,7 @@ def test_two_stage_cyclegan_pipeline_through_the_console_scripts(tiny_demo_dir, 
     assert torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"] == 6
 
     # rtda-eval refuses it in one line: there is nothing to score
-    env = dict(ENV)
-    ev = subprocess.run(["rtda-eval", f"ckpt_path={ckpt_path}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    ev = rtda_eval([f"ckpt_path={ckpt_path}"], tmp_path)
     assert ev.returncode == 1 and "holds no segmentation network (trained by CycleGANModule)" in ev.stderr
 
     # stage two: translate the source (the run's data is replayed from the checkpoint), train on the copy

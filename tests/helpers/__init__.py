@@ -3,15 +3,19 @@ compose helper, the tiny demo's overrides. No test module imports another; they 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
 import os
 import re
 import subprocess
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -39,13 +43,24 @@ def run_command(command: list[str], cwd, timeout: float = 600, env: dict | None 
     return subprocess.run(command, cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def rtda_train(args, cwd, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``rtda-train ARGS`` through its console script, as a user runs it."""
-    return run_command(["rtda-train", *args], cwd, timeout, env)
+def rtda_train(args, cwd, timeout: float = 600, env: dict | None = None, *, process: bool = False):
+    """``rtda-train ARGS`` run in ``cwd``: its ``main`` in this process (:func:`run_in_process`), or with
+    ``process=True`` its console script in a new process, as a user runs it (what the console shows, a
+    re-launched DDP rank, a signal, a SLURM job need one)."""
+    if process:
+        return run_command(["rtda-train", *args], cwd, timeout, env)
+    from rtda.cli.train import main
+
+    return run_in_process(main, args, cwd, env)
 
 
-def rtda_eval(args, cwd, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run_command(["rtda-eval", *args], cwd, timeout, env)
+def rtda_eval(args, cwd, timeout: float = 600, env: dict | None = None, *, process: bool = False):
+    """``rtda-eval ARGS`` run in ``cwd``, as :func:`rtda_train`."""
+    if process:
+        return run_command(["rtda-eval", *args], cwd, timeout, env)
+    from rtda.cli.evaluate import main
+
+    return run_in_process(main, args, cwd, env)
 
 
 def run_folder(out: str) -> Path:
@@ -69,29 +84,55 @@ def compose_config(name: str = "train", overrides=(), output_dir: Path | None = 
     return cfg
 
 
-def run_main(main, argv, monkeypatch, capsys, cwd=None) -> subprocess.CompletedProcess:
-    """A console script's ``main`` in this process, as ``COMMAND ARGV`` run in ``cwd`` would (no interpreter
-    start, ~8 s each on this machine): its exit status, stdout and stderr. Only for commands that stop before
-    training (bad input); what rtda's entry points change in the process (environment, logging, warnings,
-    Hydra's global state) is put back afterwards."""
-    for key in ("HYDRA_FULL_ERROR", "RTDA_FULL_ERROR"):
-        monkeypatch.setenv(key, "0")
-    if cwd is not None:
-        monkeypatch.chdir(cwd)
-    takes_argv = bool(inspect.signature(main).parameters)
-    if not takes_argv:
-        monkeypatch.setattr(sys, "argv", [main.__module__, *argv])
+def run_in_process(main, argv, cwd=None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A console script's ``main`` in this process, as ``COMMAND ARGV`` run in ``cwd`` with environment ``env``
+    (default :data:`ENV`) would: its exit status, stdout and stderr. No interpreter start and no imports
+    (~8 s a command on this machine). What a command changes in the process is put back afterwards: the
+    environment, the working folder, ``sys.argv`` / ``sys.path``, logging (handlers closed, so a run's
+    ``train.log`` is complete), warning filters and their once-registries, Hydra's global state, torch's
+    thread count and determinism flags."""
+    env = ENV if env is None else env
+    saved_env, saved_cwd, saved_argv, saved_path = dict(os.environ), os.getcwd(), list(sys.argv), list(sys.path)
     root = logging.getLogger()
-    saved = list(root.handlers), root.level, list(warnings.filters)
-    GlobalHydra.instance().clear()
+    saved_handlers, saved_level, saved_filters = list(root.handlers), root.level, list(warnings.filters)
+    saved_torch = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                   torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark,
+                   torch.backends.cudnn.deterministic)
+    os.environ.clear()
+    os.environ.update(env)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    takes_argv = bool(inspect.signature(main).parameters)
+    sys.argv = [main.__module__, *argv]
+    out, err = io.StringIO(), io.StringIO()
     code = 0
+    GlobalHydra.instance().clear()
     try:
-        main(list(argv)) if takes_argv else main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(argv)) if takes_argv else main()
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            except Exception:  # what the interpreter would print before exiting 1
+                traceback.print_exc()
+                code = 1
     finally:
         GlobalHydra.instance().clear()
-        root.handlers[:], _, warnings.filters[:] = saved[0], root.setLevel(saved[1]), saved[2]
+        for handler in root.handlers:
+            if handler not in saved_handlers:
+                handler.close()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
         logging.captureWarnings(False)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess([main.__module__, *argv], code, out, err)
+        warnings.resetwarnings()  # also forgets which warnings were shown once
+        warnings.filters[:] = saved_filters
+        torch.set_num_threads(saved_torch[0])
+        torch.use_deterministic_algorithms(saved_torch[1], warn_only=saved_torch[2])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved_torch[3:]
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    return subprocess.CompletedProcess([main.__module__, *argv], code, out.getvalue(), err.getvalue())
