@@ -34,6 +34,10 @@ ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline", "
 TINY_DEMO = {"seed": 0, "source_count": 12, "target_train_count": 8, "target_val_count": 4}
 
 
+#: the loggers Lightning writes its lines to
+LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
+
+
 def tiny_overrides(data_dir: Path) -> list[str]:
     """Hydra overrides that point the demo config at the tiny demo and keep a run to seconds."""
     return [f"paths.data_dir={data_dir}"] + [f"+data.prepare.{k}={v}" for k, v in TINY_DEMO.items() if k != "seed"]
@@ -102,6 +106,11 @@ def run_in_process(main, argv, cwd=None, env: dict | None = None) -> subprocess.
     os.environ.update(env)
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    # Lightning's loggers as a new process has them (INFO): an in-process benchmark quietens them to WARNING
+    lightning = {name: logging.getLogger(name) for name in LIGHTNING_LOGGERS}
+    saved_lightning = {name: (lg.level, list(lg.handlers), lg.propagate) for name, lg in lightning.items()}
+    for lg in lightning.values():
+        lg.setLevel(logging.INFO)
     takes_argv = bool(inspect.signature(main).parameters)
     sys.argv = [main.__module__, *argv]
     out, err = io.StringIO(), io.StringIO()
@@ -124,6 +133,9 @@ def run_in_process(main, argv, cwd=None, env: dict | None = None) -> subprocess.
             if handler not in saved_handlers:
                 handler.close()
         root.handlers[:] = saved_handlers
+        for name, (level, handlers, propagate) in saved_lightning.items():
+            lightning[name].setLevel(level)
+            lightning[name].handlers[:], lightning[name].propagate = handlers, propagate
         root.setLevel(saved_level)
         logging.captureWarnings(False)
         warnings.resetwarnings()  # also forgets which warnings were shown once
