@@ -44,6 +44,16 @@ def test_missing_cityscapes_val_names_the_tree(tiny_demo_dir, tmp_path):
     assert f"{tmp_path}/cityscapes/leftImg8bit/val" in proc.stderr and "gtFine/val/CITY" in proc.stderr
 
 
+@pytest.mark.parametrize("experiment, model", [("cityscapes_stdc1", "stdc1"), ("gta5_pidnet_s_dacs", "pidnet_s"),
+                                               ("gta5_ddrnet23_slim_source_only", "ddrnet23_slim")])
+def test_a_recipe_from_imagenet_weights_asks_for_the_file_before_training(experiment, model, tiny_demo_dir, tmp_path):
+    proc = run_in_process(train_main, [f"experiment={experiment}", f"paths.data_dir={tiny_demo_dir / 'demo'}",
+                                       *(o for o in SMALL if not o.startswith("model.pretrained"))], tmp_path)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("rtda: error")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
+    assert "model.pretrained=/path/to/" in errors[0] and "Epoch" not in proc.stdout
+
+
 def test_class_stats_are_counted_and_cached(tiny_demo_dir, tmp_path):
     import shutil
 

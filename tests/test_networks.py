@@ -50,11 +50,18 @@ def test_every_method_trains_every_network_with_its_own_losses(network, method, 
         return terms
 
     net.loss_terms = recorded  # the instance's: what rtda.models.losses.loss_terms calls
+    graded: set[str] = set()
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            p.register_hook(lambda grad, name=name: graded.add(name))
     before = {k: v.detach().clone() for k, v in row.module.named_parameters()}
     row._fit(2, [])
     assert seen and all(names == OWN_TERMS[network] for names in seen), (network, method, seen)
     after = dict(row.module.named_parameters())
     assert all(torch.isfinite(v).all() for v in after.values())
+    # every trainable tensor of the segmenter is in a loss (a head built and never used has no gradient: DDP refuses it)
+    unused = [n for n, p in net.named_parameters() if p.requires_grad and n not in graded]
+    assert not unused, f"{network} under {method}: {unused[:5]}"
     moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     owners = {k.split(".")[0] for k in before if not k.startswith("teacher.")}  # the EMA teacher follows, unstepped
     assert moved >= owners, f"{network} under {method}: no step for {owners - moved}"

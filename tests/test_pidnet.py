@@ -190,6 +190,7 @@ def test_freeze_bn_keeps_keys_and_no_batchnorm():
     assert list(net.state_dict()) == list(PIDNet(19).state_dict())
 
 
+@pytest.mark.slow
 def test_channels_last_and_onnx_export(net):
     onnx = pytest.importorskip("onnxruntime")
     x = torch.randn(1, 3, 64, 128)

@@ -17,11 +17,27 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def count_parameters(model: nn.Module) -> dict:
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-    }
+def count_parameters(model: nn.Module, example: torch.Tensor | None = None) -> dict:
+    """Parameters (all, trainable) and, given an ``example`` input, ``inference_params``: those of the modules an
+    eval-mode forward runs, each counted once. Training-only heads (auxiliary, boundary, detail) are built but
+    not run in evaluation: the deployed network, and the official papers' counts, leave them out."""
+    counts = {"params": sum(p.numel() for p in model.parameters()),
+              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if example is not None:
+        ran: list[nn.Module] = []
+        hooks = [m.register_forward_pre_hook(lambda module, args: ran.append(module)) for m in model.modules()]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(example)
+        finally:
+            model.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        used = {id(p): p for m in ran for p in m.parameters(recurse=False)}
+        counts["inference_params"] = sum(p.numel() for p in used.values())
+    return counts
 
 
 @torch.no_grad()

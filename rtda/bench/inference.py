@@ -140,7 +140,7 @@ def benchmark(cfg: DictConfig) -> list[dict]:
         name = hydra.core.hydra_config.HydraConfig.get().runtime.choices.get("model", type(net).__name__)
     example = torch.randn(b.batch_size, 3, b.height, b.width, device=device)
 
-    params = count_parameters(net)
+    params = count_parameters(net, example[:1])
     flops = count_flops(net, example[:1])
     ceilings = {}
     if b.matmul_ceiling:
@@ -169,7 +169,8 @@ def benchmark(cfg: DictConfig) -> list[dict]:
         achieved = flops * b.batch_size / (st["median_ms"] / 1000.0) / 1e9
         rows.append({
             "model": name, "variant": variant, "device": str(device), "precision": b.precision,
-            "input": f"{b.batch_size}x3x{b.height}x{b.width}", "params_M": params["params"] / 1e6,
+            "input": f"{b.batch_size}x3x{b.height}x{b.width}", "params_M": params["inference_params"] / 1e6,
+            "params_with_training_heads_M": params["params"] / 1e6,
             "trainable_params": params["trainable_params"], "GFLOPs": flops / 1e9, "GMACs": flops / 2e9,
             "median_ms": st["median_ms"], "p90_ms": st["p90_ms"], "fps": st["fps"] * b.batch_size,
             "runs": st["runs"], "GFLOP/s": achieved,

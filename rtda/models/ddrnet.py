@@ -19,7 +19,8 @@ Exactly as official:
   the paper's alpha). It is built only when ``aux_weights`` or ``adaptation_levels`` name it and is not
   computed in eval mode;
 * initialisation: Kaiming-normal (fan_out) convolutions, BN weight 1 bias 0; module names and state-dict
-  keys are the official ones, so official state dicts load unchanged.
+  keys are the official ones (the official model's state dict loads with ``load_state_dict`` as it is;
+  ``pretrained=`` takes the ImageNet file).
 
 Loss (:meth:`DDRNet.loss_terms`): HRNet's OHEM cross-entropy (thresh 0.9, min_kept 131072) on the main
 output, weight 1, and on the auxiliary head, weight 0.4. The official repository has no training code (the
@@ -183,7 +184,7 @@ class DDRNet(nn.Module):
         aux_weights: loss weight of the auxiliary head by name (official: ``{high_res: 0.4}``; ``{}``: none).
         adaptation_levels: auxiliary heads also exposed as output spaces to adapt.
         freeze_bn: BatchNorm replaced by :class:`FrozenBatchNorm2d` (the official code trains it).
-        ohem_thresh, ohem_min_kept: HRNet's OHEM (official 0.9, 131072 per batch of 12 1024x1024 crops).
+        ohem_thresh, ohem_min_kept: HRNet's OHEM (official 0.9, 131072 per GPU replica).
         aux_ohem: OHEM on the auxiliary head too (true, mmsegmentation's port) or plain cross-entropy.
     """
 
@@ -302,6 +303,8 @@ class DDRNet(nn.Module):
             if self.aux_ohem:
                 value = ohem_cross_entropy(logits, label, weight, ignore_index, **ohem)
             else:
-                value = pixel_cross_entropy(logits, label, weight, ignore_index)
+                # HRNet-OCR's / PIDNet's criterion: per-pixel CE averaged over all pixels, ignored ones as 0
+                value = pixel_cross_entropy(logits, label, torch.ones_like(label, dtype=torch.float32) if weight is None
+                                            else weight, ignore_index)
             terms[f"loss_aux/{name}"] = (value, self.aux_weights[name])
         return terms

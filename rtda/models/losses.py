@@ -40,18 +40,18 @@ def ohem_cross_entropy(logits: torch.Tensor, label: torch.Tensor, weight: torch.
     """Online hard example mining cross-entropy (HRNet's ``OhemCrossEntropy``, used by PIDNet and DDRNet):
     of the labelled pixels, those whose probability of the true class is below ``max(thresh, p_k)`` are
     averaged, ``p_k`` the ``min_kept``-th smallest such probability (so at least ``min_kept`` pixels are
-    kept). The official code keeps ``min_kept`` per batch of 12 1024×1024 crops (131072); a small crop keeps
-    all its pixels below the threshold. With ``weight`` the kept pixels' losses are weighted, averaged over
+    kept). The official code keeps ``min_kept`` (131072) per GPU replica (6 of the 12 1024×1024 crops under
+    DataParallel); here per batch of the process. A small crop keeps all its pixels below the threshold. With ``weight`` the kept pixels' losses are weighted, averaged over
     the kept pixels."""
     losses = F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction="none").flatten()
     valid = label.flatten() != ignore_index
     if not bool(valid.any()):
-        return logits.sum() * 0.0  # nothing labelled: no gradient, the graph kept
+        return losses.sum() * 0.0  # nothing labelled: no gradient, the graph kept (fp32: no fp16 overflow)
     with torch.no_grad():
         true_prob = logits.detach().float().softmax(dim=1).gather(
             1, label.masked_fill(label == ignore_index, 0).unsqueeze(1))
         true_prob = true_prob.flatten()[valid]
-        kth = true_prob.sort().values[min(max(1, min_kept), true_prob.numel() - 1)]
+        kth = true_prob.kthvalue(min(max(1, min_kept), true_prob.numel() - 1) + 1).values  # the sorted[min_kept]
         kept = true_prob < torch.clamp(kth, min=thresh)
     losses = losses[valid]
     if weight is not None:

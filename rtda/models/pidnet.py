@@ -354,7 +354,8 @@ class PIDNet(nn.Module):
         self.dfm = LightBag(planes * 4, planes * 4)
         self.layer5_d = _make_layer(Bottleneck, planes * 2, planes * 2, 1)
         # heads
-        self.seghead_p = SegmentHead(planes * 2, head_planes, num_classes)
+        # built only when supervised or adapted: an unused head breaks DDP (parameters without a gradient)
+        self.seghead_p = SegmentHead(planes * 2, head_planes, num_classes) if set(aux_weights) | set(adaptation_levels) else None
         self.seghead_d = SegmentHead(planes * 2, planes, 1)
         self.final_layer = SegmentHead(planes * 4, head_planes, num_classes)
 
@@ -390,7 +391,7 @@ class PIDNet(nn.Module):
         own = self.state_dict()
         if layout == "full":
             expected = set(own)
-            dropped = set()
+            dropped = {k for k in state if k.startswith("seghead_p.") and self.seghead_p is None}
         else:
             expected = {k for k in own if k.split(".", 1)[0] in IMAGENET_PARTS}
             dropped = {k for k in state if k.split(".", 1)[0] in IMAGENET_CLASSIFIER}

@@ -108,7 +108,8 @@ def random_init_warning(cfg: DictConfig) -> str | None:
     real_data = cfg.data.get("prepare") is None  # the built-in demo is generated; real datasets are not
     if real_data and (pretrained is None or pretrained is False or str(pretrained).lower() == "false"):
         return ("model.pretrained=false on real data: the network trains from random initialisation and will "
-                "score far below the references. Use model.pretrained=true (torchvision ImageNet weights) or a file.")
+                "score far below the references. Use model.pretrained=true (torchvision's ImageNet weights, where the "
+                "network has them) or the authors' file (model.pretrained=/path/to/FILE).")
     return None
 
 
