@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtda.models.frozen_bn import FrozenBatchNorm2d
+from rtda.models.frozen_bn import freeze_batchnorm
 from rtda.models.losses import LossTerms, ohem_cross_entropy, pixel_cross_entropy
 from rtda.models.outputs import SegmentationOutputs
 from rtda.models.pretrained import PretrainedWeightsError, file_state_dict
@@ -162,16 +162,6 @@ class SegHead(nn.Module):
         return self.conv2(F.relu(self.bn2(x)))
 
 
-def _freeze_batchnorm(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, child.eps)
-            frozen.load_state_dict(child.state_dict())
-            setattr(module, name, frozen)
-        else:
-            _freeze_batchnorm(child)
-
-
 class DDRNet(nn.Module):
     """DDRNet-23-slim (``planes=32, head_planes=64``; DDRNet-23 is ``planes=64, head_planes=128``).
 
@@ -244,7 +234,7 @@ class DDRNet(nn.Module):
             self.load_imagenet(file_state_dict(pretrained), str(pretrained))
             self.pretrained_weights = str(pretrained)
         if self.freeze_bn:
-            _freeze_batchnorm(self)
+            freeze_batchnorm(self)
 
     def load_imagenet(self, state: dict, source: str) -> list[str]:
         """Load the official ImageNet state dict strictly onto every module but ``spp`` and the heads; returns

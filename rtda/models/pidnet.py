@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtda.models.frozen_bn import FrozenBatchNorm2d
+from rtda.models.frozen_bn import freeze_batchnorm
 from rtda.models.losses import LossTerms, ohem_cross_entropy, pixel_cross_entropy
 from rtda.models.outputs import SegmentationOutputs
 from rtda.models.pretrained import PretrainedWeightsError, file_state_dict
@@ -275,16 +275,6 @@ def weighted_bce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), balance)
 
 
-def _freeze_batchnorm(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, child.eps)
-            frozen.load_state_dict(child.state_dict())
-            setattr(module, name, frozen)
-        else:
-            _freeze_batchnorm(child)
-
-
 class PIDNet(nn.Module):
     """PIDNet-S. ``forward`` returns logits at the input size; in training mode :class:`SegmentationOutputs`
     with the P-branch head under ``aux["p"]`` (when in ``aux_weights``) and the boundary logits (1 channel,
@@ -377,7 +367,7 @@ class PIDNet(nn.Module):
             self.pretrained_weights = str(pretrained)
         self.freeze_bn = bool(freeze_bn)
         if freeze_bn:
-            _freeze_batchnorm(self)
+            freeze_batchnorm(self)
 
     # --- weights ------------------------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtda.data.labels import IGNORE_INDEX
-from rtda.models.frozen_bn import FrozenBatchNorm2d
+from rtda.models.frozen_bn import freeze_batchnorm
 from rtda.models.losses import LossTerms
 from rtda.models.outputs import SegmentationOutputs
 from rtda.models.pretrained import PretrainedWeightsError, file_state_dict
@@ -276,16 +276,6 @@ def detail_loss(detail_logits: torch.Tensor, label: torch.Tensor, weight: torch.
 
 
 # -- network -------------------------------------------------------------------------------------
-def _freeze_batchnorm(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, child.eps)
-            frozen.load_state_dict(child.state_dict())
-            setattr(module, name, frozen)
-        else:
-            _freeze_batchnorm(child)
-
-
 class STDCSeg(nn.Module):
     """STDC-Seg. ``forward`` returns logits at the input size; in training mode
     :class:`SegmentationOutputs` with ``aux`` ``context16``/``context32`` and ``extra["detail"]`` (1/8).
@@ -347,7 +337,7 @@ class STDCSeg(nn.Module):
             self.pretrained_weights = str(pretrained)
         self.freeze_bn = bool(freeze_bn)
         if freeze_bn:
-            _freeze_batchnorm(self)
+            freeze_batchnorm(self)
 
     # -- weights ---------------------------------------------------------------------------------
     def backbone_state_from(self, state: dict, source: str) -> dict:
