@@ -33,3 +33,19 @@ def trained_run(tiny_demo_dir, tmp_path_factory) -> dict:
     folder = run_folder(proc.stdout)
     results = json.loads((folder / "results.json").read_text())
     return {**results, "cwd": cwd, "folder": folder, "args": args, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slurm_scenarios(request, tmp_path_factory):
+    """The SLURM scenarios (tests/helpers/slurm.py), started before the first test when the session holds a SLURM
+    test and a SLURM is up; ``{}`` otherwise. Their jobs wait on the scheduler most of the time, so the rest of the
+    suite runs meanwhile; tests/test_slurm.py collects their outcomes."""
+    from helpers import slurm
+
+    wanted = any(item.get_closest_marker("slurm") for item in request.session.items)
+    if not wanted or not slurm.slurm_up():
+        yield {}
+        return
+    pool, futures = slurm.start(request.getfixturevalue("tiny_demo_dir"), tmp_path_factory)
+    yield futures
+    slurm.stop(pool)
