@@ -59,6 +59,25 @@ def test_class_mix_pastes_half_of_the_source_classes_consistently():
     assert seen == {0, 3, 5, 255}
 
 
+def test_class_mix_from_the_batch_pool_draws_half_of_the_batchs_classes_for_each_image():
+    # DAFormer/MIC's get_class_masks: two labels with disjoint classes {0..3} and {4..7}; each image gets 4 of the 8
+    labels = torch.stack([torch.arange(4).repeat_interleave(4).view(4, 4), 4 + torch.arange(4).repeat_interleave(4).view(4, 4)])
+    pasted, empty = set(), 0
+    for seed in range(200):
+        masks = class_mix_masks(labels, torch.Generator().manual_seed(seed), pool="batch")
+        for i in range(2):
+            own = len(labels[i][masks[i]].unique())
+            pasted.add(own)
+            empty += own == 0
+        for i in range(2):  # whole classes of the image's own label
+            assert torch.equal(masks[i], torch.isin(labels[i], labels[i][masks[i]].unique()))
+    assert pasted == {0, 1, 2, 3, 4}  # none to all of the image's own classes (the image pool: always 2)
+    assert 0 < empty < 40  # an empty mask 1/70 of the time per image: C(4,4)/C(8,4)
+    for seed in range(20):
+        masks = class_mix_masks(labels, torch.Generator().manual_seed(seed), pool="image")
+        assert [len(labels[i][masks[i]].unique()) for i in range(2)] == [2, 2]
+
+
 # -- the EMA teacher ------------------------------------------------------------------------------------------
 class _Tiny(nn.Module):
     def __init__(self):
@@ -72,6 +91,16 @@ class _Tiny(nn.Module):
 
 def test_ema_update_formula():
     assert ema_alpha(1, 0.99) == 0.0 and ema_alpha(2, 0.99) == 0.5 and ema_alpha(10, 0.99) == pytest.approx(0.9)
+    # DAFormer's _update_ema(local_iter): min(1 - 1/(L+1), alpha) -- the initial weights keep 1/(L+1)
+    assert ema_alpha(1, 0.999, "daformer") == 0.5 and ema_alpha(10, 0.999, "daformer") == pytest.approx(10 / 11)
+    assert ema_alpha(5000, 0.999, "daformer") == 0.999
+    student = _Tiny()
+    initial = {n: t.clone() for n, t in student.state_dict().items()}
+    teacher = EMATeacher(student, alpha=0.999, schedule="daformer")
+    with torch.no_grad():
+        student.conv.weight.add_(1.0)
+    assert teacher.update(student, 1) == 0.5
+    torch.testing.assert_close(teacher.net.conv.weight, initial["conv.weight"] + 0.5)
     assert ema_alpha(100, 0.99) == pytest.approx(0.99) and ema_alpha(10_000, 0.99) == 0.99
     torch.manual_seed(0)
     student = _Tiny()
@@ -156,6 +185,13 @@ def test_strong_augmentation_and_mic_masks():
     assert blur_kernel_size(512) == 51 and blur_kernel_size(128) == 13 and blur_kernel_size(256) == 25
     same = strong_augment(images, jitter_strength=0.0, blur=False)
     torch.testing.assert_close(same, images.float())
+    # the blur's sigma: one per image (DACS, DAFormer) or one for the batch (MIC's masked branch); a seed that blurs
+    copies = images[:1].expand(3, -1, -1, -1)
+    seed = next(s for s in range(50) if float(torch.rand(1, generator=torch.Generator().manual_seed(s))) > 0.5)
+    per_image = strong_augment(copies, 0.0, blur=True, generator=torch.Generator().manual_seed(seed))
+    per_batch = strong_augment(copies, 0.0, blur=True, generator=torch.Generator().manual_seed(seed), blur_sigma="batch")
+    assert not torch.equal(per_image, copies.float()) and not torch.equal(per_image[0], per_image[1])
+    assert torch.equal(per_batch[0], per_batch[1]) and torch.equal(per_batch[1], per_batch[2])
     mask = block_mask((4, 3, 128, 256), 32, 0.7, generator=torch.Generator().manual_seed(0))
     assert mask.shape == (4, 1, 128, 256) and set(mask.unique().tolist()) <= {0.0, 1.0}
     blocks = mask[:, 0, ::32, ::32]
@@ -256,7 +292,10 @@ def test_bad_values_name_their_key():
     net = BiSeNet(num_classes=19)
     for kwargs, key in [({"ema_alpha": 1.0}, "adaptation.ema_alpha"), ({"teacher_bn": "eval"}, "adaptation.teacher_bn"),
                         ({"weighting": "x"}, "adaptation.weighting"), ({"masking": True, "mask_ratio": 1.5}, "adaptation.mask_ratio"),
-                        ({"warmup_iters": -1}, "adaptation.warmup_iters")]:
+                        ({"warmup_iters": -1}, "adaptation.warmup_iters"),
+                        ({"classmix_classes": "all"}, "adaptation.classmix_classes"),
+                        ({"ema_schedule": "mic"}, "adaptation.ema_schedule"),
+                        ({"mask_blur_sigma": "pixel"}, "adaptation.mask_blur_sigma")]:
         with pytest.raises(ConfigValueError, match=key):
             DACSModule(net, **kwargs)
 

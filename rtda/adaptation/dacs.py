@@ -72,7 +72,7 @@ from rtda.adaptation.features import (
     downscale_label_ratio,
     masked_feature_distance,
 )
-from rtda.adaptation.mixing import block_mask, class_mix_masks, mix, strong_augment
+from rtda.adaptation.mixing import CLASSMIX_POOLS, block_mask, class_mix_masks, mix, strong_augment
 from rtda.adaptation.pseudo_labels import DACS_THRESHOLD, WEIGHTINGS, dacs_pseudo_labels
 from rtda.adaptation.segmentation import SegmentationModule
 from rtda.adaptation.spectrum import match_size
@@ -89,6 +89,8 @@ class DACSModule(SegmentationModule):
 
     Args:
         ema_alpha: the teacher's EMA factor α (DACS 0.99; DAFormer and MIC 0.999).
+        ema_schedule: ``dacs`` (α_k = min(1 − 1/k, α)) or ``daformer`` (min(1 − 1/(k+1), α): DAFormer/MIC's
+            ``_update_ema``, which keeps the initial weights in the teacher with weight 1/(k+1)).
         teacher_bn: ``target_batch`` (the authors': BatchNorm of the teacher normalises with the target
             batch's statistics) or ``running`` (evaluation mode, averaged running statistics).
         pseudo_threshold: confidence threshold of the pseudo-label weights (0.968).
@@ -98,10 +100,13 @@ class DACSModule(SegmentationModule):
             pseudo-label weight is 0 (DAFormer's 15 / 120 on 512-pixel Cityscapes crops: the ego car and
             rectification borders); 0 in DACS.
         mixing: ClassMix on (false: the student trains on the strongly augmented target with its pseudo-labels).
+        classmix_classes: ``image`` (DACS: half of each source label's classes) or ``batch`` (DAFormer/MIC's
+            ``get_class_masks``: half of the classes of the whole source batch, drawn for each image).
         lambda_mix: weight of the mixed (or target) loss (DACS's ``consistency_weight``: 1).
         jitter_strength / jitter_p / blur: the strong augmentation (DACS 0.25 / 0.2 / on; DAFormer 0.2 / 0.2 / on).
         masking: MIC's masked image consistency on; mask_block_size, mask_ratio, mask_lambda: its block (64),
-            the masked share (0.7) and the loss weight (1).
+            the masked share (0.7) and the loss weight (1); mask_blur_sigma: the blur σ of the masked images drawn
+            per ``image`` or once per ``batch`` (MIC's code transforms the batch in one call).
         fdist_lambda: DAFormer's ImageNet feature distance weight (0.005 in DAFormer; 0: off);
             fdist_classes: the classes it applies to (the thing classes), fdist_scale_min_ratio (0.75),
             fdist_layer (null: the last ``layer4``). Needs an ImageNet-initialised network
@@ -115,16 +120,23 @@ class DACSModule(SegmentationModule):
     uses_target_images = True
     picture_options = (*SegmentationModule.picture_options, "num_mix_samples")
 
-    def __init__(self, *args, ema_alpha: float = 0.99, teacher_bn: str = "target_batch",
+    def __init__(self, *args, ema_alpha: float = 0.99, teacher_bn: str = "target_batch", ema_schedule: str = "dacs",
                  pseudo_threshold: float = DACS_THRESHOLD, weighting: str = "share",
                  pseudo_weight_ignore_top: int = 0, pseudo_weight_ignore_bottom: int = 0,
-                 mixing: bool = True, lambda_mix: float = 1.0,
+                 mixing: bool = True, classmix_classes: str = "image", lambda_mix: float = 1.0,
                  jitter_strength: float = 0.25, jitter_p: float = 0.2, blur: bool = True,
                  masking: bool = False, mask_block_size: int = 64, mask_ratio: float = 0.7, mask_lambda: float = 1.0,
+                 mask_blur_sigma: str = "image",
                  fdist_lambda: float = 0.0, fdist_classes: Sequence[int] | None = THING_CLASSES,
                  fdist_scale_min_ratio: float = 0.75, fdist_layer: str | None = None,
                  fdist_allow_random_init: bool = False, num_mix_samples: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
+        if classmix_classes not in CLASSMIX_POOLS:
+            raise ConfigValueError(f"adaptation.classmix_classes={classmix_classes!r}: expected one of "
+                                   f"{list(CLASSMIX_POOLS)} (image: DACS, half of each label's classes; batch: "
+                                   "DAFormer/MIC, half of the whole batch's classes)")
+        if mask_blur_sigma not in ("image", "batch"):
+            raise ConfigValueError(f"adaptation.mask_blur_sigma={mask_blur_sigma!r}: expected 'image' or 'batch' (MIC)")
         if weighting not in WEIGHTINGS:
             raise ConfigValueError(f"adaptation.weighting={weighting!r}: expected one of {list(WEIGHTINGS)}")
         if not 0.0 <= pseudo_threshold <= 1.0:
@@ -137,7 +149,7 @@ class DACSModule(SegmentationModule):
             raise ConfigValueError("adaptation.fdist_lambda, lambda_mix and mask_lambda must be >= 0")
         if fdist_scale_min_ratio is not None and not 0.0 <= fdist_scale_min_ratio <= 1.0:
             raise ConfigValueError(f"adaptation.fdist_scale_min_ratio={fdist_scale_min_ratio}: expected a share in [0, 1]")
-        self.teacher = EMATeacher(self.net, ema_alpha, teacher_bn)
+        self.teacher = EMATeacher(self.net, ema_alpha, teacher_bn, ema_schedule)
         self.imnet: nn.Module | None = None
         if fdist_lambda > 0:
             layer = fdist_layer or default_feature_layer(self.net)
@@ -222,7 +234,7 @@ class DACSModule(SegmentationModule):
         losses["pseudo_confident_share"] = confident.detach()
         if hp.lambda_mix > 0:
             if hp.mixing:
-                mask = class_mix_masks(source["label"])
+                mask = class_mix_masks(source["label"], pool=hp.classmix_classes)
                 mixed_raw = mix(mask, source["raw"].float(), target["raw"].float())
                 mixed_label = mix(mask, source["label"], pseudo)
                 mixed_weight = mix(mask, torch.ones_like(weight), weight)
@@ -235,7 +247,8 @@ class DACSModule(SegmentationModule):
                                                                  mixed_label, mixed_weight)
             total = total + hp.lambda_mix * losses["loss_mix"]
         if hp.masking and hp.mask_lambda > 0:
-            augmented = self.normalize(strong_augment(target["raw"], hp.jitter_strength, hp.jitter_p, hp.blur))
+            augmented = self.normalize(strong_augment(target["raw"], hp.jitter_strength, hp.jitter_p, hp.blur,
+                                                      blur_sigma=hp.mask_blur_sigma))
             masked = augmented * block_mask(augmented.shape, hp.mask_block_size, hp.mask_ratio, augmented.device)
             losses["loss_masked"] = self.weighted_segmentation_loss(self.forward_target(self.to_memory_format(masked)),
                                                                     pseudo, weight)

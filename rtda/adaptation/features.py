@@ -71,8 +71,14 @@ class FeatureTap:
 
 
 def default_feature_layer(net: nn.Module) -> str:
-    """The last backbone stage: the last submodule named ``layer4`` (ResNet backbones of BiSeNet and DeepLabV2)."""
+    """The network's own ``feature_layer`` (the submodule whose output is its last backbone stage, e.g. the MiT
+    encoder's last stage for DAFormer's feature distance), else the last submodule named ``layer4`` (the ResNet
+    backbones of BiSeNet and DeepLabV2)."""
+    declared = getattr(net, "feature_layer", None)
+    if declared:
+        return declared
     names = [n for n, _ in net.named_modules() if n.split(".")[-1] == "layer4"]
     if not names:
-        raise ConfigValueError(f"adaptation.fdist_layer: {type(net).__name__} has no 'layer4'; name the feature module")
+        raise ConfigValueError(f"adaptation.fdist_layer: {type(net).__name__} has no 'layer4' and no feature_layer; "
+                               "name the feature module")
     return names[-1]

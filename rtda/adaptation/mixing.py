@@ -9,14 +9,23 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+#: where ClassMix draws the classes it pastes from: each label's own classes (DACS) or the whole batch's (DAFormer/MIC)
+CLASSMIX_POOLS = ("image", "batch")
 
-def class_mix_masks(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """ClassMix masks of an ``N×H×W`` source label batch: ``N×H×W`` bool, True on the pixels of
-    ``ceil(n/2)`` classes drawn without replacement among the ``n`` distinct values of each label (the ignore
-    value included, as ``trainUDA.py`` draws from ``torch.unique(labels[i])``)."""
+
+def class_mix_masks(labels: torch.Tensor, generator: torch.Generator | None = None, pool: str = "image") -> torch.Tensor:
+    """ClassMix masks of an ``N×H×W`` source label batch: ``N×H×W`` bool, True on the pixels of ``ceil(n/2)``
+    classes drawn without replacement, for each image, among ``n`` distinct values (the ignore value included,
+    as the authors' ``torch.unique``): those of the image's own label with ``pool="image"`` (DACS's
+    ``trainUDA.py``: always half of the image's classes), those of the whole batch with ``pool="batch"``
+    (DAFormer/MIC's ``get_class_masks``, which call ``torch.unique(labels)`` on the batch: an image may then paste
+    none or all of its own classes)."""
+    if pool not in CLASSMIX_POOLS:
+        raise ValueError(f"ClassMix pool {pool!r}: expected one of {CLASSMIX_POOLS}")
     masks = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    batch_classes = torch.unique(labels) if pool == "batch" else None
     for i, label in enumerate(labels):
-        classes = torch.unique(label)
+        classes = batch_classes if batch_classes is not None else torch.unique(label)
         n = classes.numel()
         chosen = classes[torch.randperm(n, generator=generator)[: (n + n % 2) // 2].to(classes.device)]
         masks[i] = torch.isin(label, chosen)
@@ -98,15 +107,19 @@ def gaussian_blur(images: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
 
 
 def strong_augment(images: torch.Tensor, jitter_strength: float = 0.25, jitter_p: float = 0.2, blur: bool = True,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, blur_sigma: str = "image") -> torch.Tensor:
     """DACS's strong augmentation of ``N×3×H×W`` 0–255 images (float result, 0–255): colour jitter when a
-    draw u ~ U(0, 1) exceeds ``jitter_p``, Gaussian blur (σ ~ U(0.15, 1.15) per image) when another exceeds
-    0.5 — one draw of each per call (per iteration), as the authors' ``strong_parameters``."""
+    draw u ~ U(0, 1) exceeds ``jitter_p``, Gaussian blur when another exceeds 0.5 — one draw of each per call
+    (per iteration), as the authors' ``strong_parameters`` — with σ ~ U(0.15, 1.15) drawn per image
+    (``blur_sigma="image"``: DACS and DAFormer transform the mixed images one by one) or once for the batch
+    (``"batch"``: MIC's masked branch transforms the target batch in one call)."""
     x = images.float() / 255.0
     if jitter_strength > 0 and float(torch.rand(1, generator=generator)) > jitter_p:
         x = color_jitter(x, jitter_strength, generator)
     if blur and float(torch.rand(1, generator=generator)) > 0.5:
-        x = gaussian_blur(x, (0.15 + torch.rand(x.shape[0], generator=generator)).tolist())
+        draws = x.shape[0] if blur_sigma == "image" else 1
+        sigma = (0.15 + torch.rand(draws, generator=generator)).expand(x.shape[0])
+        x = gaussian_blur(x, sigma.tolist())
     return x * 255.0
 
 

@@ -12,10 +12,17 @@ from torch import nn
 from rtda.models.outputs import main_logits
 from rtda.run.errors import ConfigValueError
 
+#: how the EMA factor ramps up over the first steps: DACS's ``min(1 − 1/k, α)`` or DAFormer/MIC's ``min(1 − 1/(k+1), α)``
+EMA_SCHEDULES = ("dacs", "daformer")
 
-def ema_alpha(k: int, alpha: float) -> float:
-    """DACS's ``min(1 − 1/k, α)`` for the update after the student's k-th optimizer step (k ≥ 1)."""
-    return min(1.0 - 1.0 / max(int(k), 1), float(alpha))
+
+def ema_alpha(k: int, alpha: float, schedule: str = "dacs") -> float:
+    """The EMA factor of the update after the student's k-th optimizer step (k ≥ 1): DACS's
+    ``update_ema_variables`` ``min(1 − 1/k, α)`` (the first update copies the student: a plain average of the
+    students so far), or DAFormer's ``_update_ema(local_iter)`` ``min(1 − 1/(k+1), α)`` (the initial weights —
+    ImageNet's — keep weight 1/(k+1): 0.5 after one step)."""
+    k = max(int(k), 1)
+    return min(1.0 - 1.0 / (k + 1 if schedule == "daformer" else k), float(alpha))
 
 
 @torch.no_grad()
@@ -41,8 +48,11 @@ class EMATeacher(nn.Module):
 
     Always in evaluation mode (``train()`` does not switch it), parameters without gradients."""
 
-    def __init__(self, net: nn.Module, alpha: float = 0.99, bn: str = "target_batch"):
+    def __init__(self, net: nn.Module, alpha: float = 0.99, bn: str = "target_batch", schedule: str = "dacs"):
         super().__init__()
+        if schedule not in EMA_SCHEDULES:
+            raise ConfigValueError(f"adaptation.ema_schedule={schedule!r}: expected one of {list(EMA_SCHEDULES)} "
+                                   "(dacs: min(1-1/k, alpha); daformer: min(1-1/(k+1), alpha))")
         if not 0.0 <= alpha < 1.0:
             raise ConfigValueError(f"adaptation.ema_alpha={alpha}: expected a number in [0, 1) (DACS: 0.99, DAFormer: 0.999)")
         if bn not in ("target_batch", "running"):
@@ -51,6 +61,7 @@ class EMATeacher(nn.Module):
         self.net.requires_grad_(False)
         self.alpha = float(alpha)
         self.bn = bn
+        self.schedule = schedule
         super().train(False)
 
     def train(self, mode: bool = True) -> EMATeacher:  # noqa: ARG002 - the teacher never trains
@@ -58,7 +69,7 @@ class EMATeacher(nn.Module):
 
     def update(self, student: nn.Module, k: int) -> float:
         """The update after the student's k-th optimizer step; returns the α used."""
-        alpha = ema_alpha(k, self.alpha)
+        alpha = ema_alpha(k, self.alpha, self.schedule)
         ema_update(self.net, student, alpha)
         return alpha
 
