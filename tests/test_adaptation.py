@@ -257,3 +257,20 @@ def test_compile_options_from_a_config_node_reach_torch_compile(monkeypatch):
     monkeypatch.setattr(m.net, "compile", lambda **kwargs: seen.update(kwargs))
     m.setup("fit")
     assert seen == {"mode": "max-autotune", "dynamic": False}
+
+
+def test_parameter_groups_give_the_head_its_rate_and_the_named_parameters_no_weight_decay():
+    net = DeepLabV2(num_classes=NUM_CLASSES, layers=(1, 1, 1, 1), freeze_bn=False)  # classifier at 10 x lr
+    plain = SegmentationModule(net).parameter_groups(0.01)
+    assert [g["lr"] for g in plain] == [0.01, 0.1] and all("weight_decay" not in g for g in plain)
+    grouped = SegmentationModule(net, no_decay_keys=["bn", "bias"]).parameter_groups(0.01)
+    names = {id(p): n for n, p in net.named_parameters()}
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert sorted(id(p) for g in grouped for p in g["params"]) == sorted(id(p) for p in trainable)  # each once
+    backbone = {id(p) for p in net.backbone_parameters()}
+    for g in grouped:
+        free = [("bn" in names[id(p)] or "bias" in names[id(p)]) for p in g["params"]]
+        assert all(free) if g.get("weight_decay") == 0.0 else not any(free)
+        assert g["lr"] == (0.01 if id(g["params"][0]) in backbone else 0.1)
+        assert all((id(p) in backbone) == (g["lr"] == 0.01) for p in g["params"])
+    assert any(g.get("weight_decay") == 0.0 for g in grouped) and len(grouped) > len(plain)

@@ -68,6 +68,9 @@ class SegmentationModule(TrainingModule):
             arguments of ``torch.compile`` (``{mode: max-autotune}``). In place (``nn.Module.compile``), so
             checkpoints keep their keys and every method's passes through ``self.net`` are compiled; the
             first iterations pay the compilation (minutes for DeepLabV2 on a CPU).
+        no_decay_keys: parameters of the network whose names contain one of these strings train without weight
+            decay (mmseg's ``paramwise_cfg`` ``custom_keys`` with ``decay_mult=0``: SegFormer/DAFormer/MIC give it to
+            ``norm`` and ``pos_block`` of the MiT encoder). Empty: one weight decay for all (default).
     """
 
     trains_segmenter = True
@@ -90,6 +93,7 @@ class SegmentationModule(TrainingModule):
         warmup_iters: int = 0,
         warmup_ratio: float = 1e-6,
         compile: bool | dict = False,
+        no_decay_keys: Sequence[str] = (),
     ):
         super().__init__(gradient_clip_val=gradient_clip_val, channels_last=channels_last)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
@@ -255,17 +259,25 @@ class SegmentationModule(TrainingModule):
 
     # -- optimisation ---------------------------------------------------------------------------
     def parameter_groups(self, base_lr: float) -> list[dict]:
-        """Backbone at ``base_lr``, the rest at ``head_lr_mult * base_lr``; frozen parameters left out."""
+        """Backbone at ``base_lr``, the rest at ``head_lr_mult * base_lr``; parameters named by ``no_decay_keys``
+        in groups of their own with ``weight_decay=0``; frozen parameters left out; empty groups dropped."""
         mult = self.hparams.head_lr_mult
         if mult is None:
             mult = getattr(self.net, "head_lr_mult", 1.0)
         backbone_fn = getattr(self.net, "backbone_parameters", None)
-        if mult == 1.0 or backbone_fn is None:
-            return [{"params": [p for p in self.net.parameters() if p.requires_grad], "lr": base_lr}]
-        backbone_ids = {id(p) for p in backbone_fn()}
-        backbone = [p for p in self.net.parameters() if p.requires_grad and id(p) in backbone_ids]
-        head = [p for p in self.net.parameters() if p.requires_grad and id(p) not in backbone_ids]
-        return [{"params": backbone, "lr": base_lr}, {"params": head, "lr": base_lr * mult}]
+        backbone_ids = {id(p) for p in backbone_fn()} if mult != 1.0 and backbone_fn is not None else set()
+        keys = tuple(self.hparams.get("no_decay_keys") or ())
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in self.net.named_parameters():
+            if p.requires_grad:
+                groups.setdefault((id(p) in backbone_ids or not backbone_ids, any(k in name for k in keys)), []).append(p)
+        out = []
+        for (backbone, no_decay), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+            group = {"params": params, "lr": base_lr if backbone else base_lr * mult}
+            if no_decay:
+                group["weight_decay"] = 0.0
+            out.append(group)
+        return out
 
     def poly_iterations(self) -> int:
         """Length of the poly schedules: ``poly_iters``, else the run's iterations (the LR reaches 0 after

@@ -18,6 +18,8 @@ LIGHTNING_NOISE_WARNINGS = ("The `srun` command is available on your system but 
                             "isinstance\\(treespec, LeafSpec\\)` is deprecated",
                             "You have overridden `on_after_batch_transfer` in `LightningModule`",
                             "does not have many workers",
+                            # the EMA teacher and the frozen ImageNet copy of DACS/MIC stay in eval mode by design
+                            "module\\(s\\) in eval mode at the start of training",
                             # a method without a segmenter checkpoints every N iterations, after its optimizers stepped
                             "ModelCheckpoint with manual optimization and every_n_train_steps")
 
