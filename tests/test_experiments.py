@@ -45,13 +45,41 @@ def test_missing_cityscapes_val_names_the_tree(tiny_demo_dir, tmp_path):
 
 
 @pytest.mark.parametrize("experiment, model", [("cityscapes_stdc1", "stdc1"), ("gta5_pidnet_s_dacs", "pidnet_s"),
-                                               ("gta5_ddrnet23_slim_source_only", "ddrnet23_slim")])
+                                               ("gta5_ddrnet23_slim_source_only", "ddrnet23_slim"),
+                                               ("gta5_daformer", "daformer_mitb5"),
+                                               ("gta5_mic_segformer_b1", "segformer_b1")])
 def test_a_recipe_from_imagenet_weights_asks_for_the_file_before_training(experiment, model, tiny_demo_dir, tmp_path):
     proc = run_in_process(train_main, [f"experiment={experiment}", f"paths.data_dir={tiny_demo_dir / 'demo'}",
                                        *(o for o in SMALL if not o.startswith("model.pretrained"))], tmp_path)
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("rtda: error")]
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
     assert "model.pretrained=/path/to/" in errors[0] and "Epoch" not in proc.stdout
+
+
+@pytest.mark.parametrize("experiment, variant", [("gta5_dacs_segformer_b0", "b0"),
+                                                 pytest.param("gta5_mic_daformer", "b0", marks=pytest.mark.slow)])
+def test_the_daformer_recipe_runs_on_mit_networks_from_an_imagenet_file(experiment, variant, tiny_demo_dir, tmp_path):
+    """DAFormer's recipe end to end on the small trees: an ImageNet MiT file in the NVlabs layout (random values,
+    its 1000-class ``head``), the feature distance on the MiT's last stage, no weight decay on its norms, ClassMix
+    over the batch, DAFormer's EMA ramp (gta5_mic_daformer: its head on MiT-B0, the B5 encoder is 85 M parameters)."""
+    import torch
+
+    from rtda.models.mix_transformer import MixVisionTransformer
+
+    weights = tmp_path / f"mit_{variant}.pth"
+    state = MixVisionTransformer(variant).state_dict()
+    torch.save({**state, "head.weight": torch.zeros(1000, 256), "head.bias": torch.zeros(1000)}, weights)
+    small = [o for o in SMALL if not o.startswith("model.pretrained")]
+    proc = rtda_train([f"experiment={experiment}", f"model.variant={variant}", f"model.pretrained={weights}",
+                       f"paths.data_dir={tiny_demo_dir / 'demo'}", "augmentation.target.crop.height=32",
+                       "augmentation.target.crop.width=64", "data.rcs_min_pixels=20", *small], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_folder(proc.stdout) / "results.json").read_text())
+    assert 0.0 <= results["test/mIoU"] <= 1.0
+    adaptation = results["config"]["adaptation"]
+    assert adaptation["fdist_lambda"] == 0.005 and adaptation["classmix_classes"] == "batch"
+    assert adaptation["ema_schedule"] == "daformer" and adaptation["no_decay_keys"] == ["norm", "pos_block"]
+    assert not any("random initialisation" in w for w in results["warnings"])
 
 
 def test_class_stats_are_counted_and_cached(tiny_demo_dir, tmp_path):

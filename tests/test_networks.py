@@ -1,4 +1,4 @@
-"""Every real-time network under every method that trains a segmenter: the module a run builds (the network's
+"""Every network beyond BiSeNet and DeepLabV2 (the real-time ones and the transformers) under every method that trains a segmenter: the module a run builds (the network's
 YAML, the method's config), fitted by Lightning for two iterations on synthetic batches (``rtda-bench
 bench.mode=train``'s rows: uint8 images and labels, the target where the method reads it, its labels for
 ``fda_ssl``). The network's own loss terms (OHEM, boundary, detail) are what every method applies to it;
@@ -20,14 +20,19 @@ OWN_TERMS = {"stdc1": {"loss_seg", "loss_aux/context16", "loss_aux/context32", "
              "stdc2": {"loss_seg", "loss_aux/context16", "loss_aux/context32", "loss_detail/bce",
                        "loss_detail/dice"},
              "pidnet_s": {"loss_seg", "loss_aux/p", "loss_boundary", "loss_bas"},
-             "ddrnet23_slim": {"loss_seg", "loss_aux/high_res"}}
+             "ddrnet23_slim": {"loss_seg", "loss_aux/high_res"},
+             # mmseg's cross-entropy (mean over all pixels), the MiT networks' only term
+             "segformer_b0": {"loss_seg"}, "segformer_b1": {"loss_seg"}, "daformer_mitb5": {"loss_seg"}}
+#: overrides that keep a network small here: DAFormer's head on the MiT-B0 encoder (its MiT-B5 is the same blocks,
+#: deeper and wider: 85 M parameters, ~20 s a case; tests/test_mit.py checks B5 against the official code)
+SMALL = {"daformer_mitb5": ["model.variant=b0"]}
 
 
 def _row(network: str, method: str, root) -> MethodRow:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("bench", overrides=[f"model={network}", f"adaptation={method}", "bench.height=32", "bench.width=64",
-                                          "bench.train_batch_size=2"])
+                                          "bench.train_batch_size=2", *SMALL.get(network, [])])
     return MethodRow(method, cfg, torch.device("cpu"), "fp32", str(root))
 
 

@@ -32,10 +32,19 @@ def registry_state_dict(weights) -> dict:
 
 
 def file_state_dict(path: str | Path) -> dict:
-    """A state dict from a ``.pth``/``.ckpt`` file: plain, or nested under ``state_dict``/``model``."""
+    """A state dict from a weights file: ``.safetensors`` (Hugging Face), or a torch file (``.pth``/``.tar``/
+    ``.bin``/``.ckpt``) plain or nested under ``state_dict``/``model``; a DDP ``module.`` prefix dropped."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise PretrainedWeightsError(f"pretrained weights file not found: {path} (model.pretrained expects true, false or a file)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise PretrainedWeightsError(f"{path}: not a readable safetensors file ({err})") from err
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
