@@ -14,8 +14,8 @@ wait on the scheduler); each test here waits for its scenario and checks what it
 import csv
 
 import pytest
-from helpers.slurm import slurm_up, training_steps
 from helpers.slurm import results as read_results
+from helpers.slurm import slurm_up, training_steps
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
     not slurm_up(), reason="no SLURM running here: `bash scripts/slurm_local.sh start` (root) starts a one-node one")]
