@@ -274,3 +274,12 @@ def test_parameter_groups_give_the_head_its_rate_and_the_named_parameters_no_wei
         assert g["lr"] == (0.01 if id(g["params"][0]) in backbone else 0.1)
         assert all((id(p) in backbone) == (g["lr"] == 0.01) for p in g["params"])
     assert any(g.get("weight_decay") == 0.0 for g in grouped) and len(grouped) > len(plain)
+    # by default a network's own rule: the MiT networks' norm layers, as mmseg's custom_keys norm decay_mult 0
+    from rtda.models.segformer import SegFormer
+
+    segformer = SegFormer(num_classes=NUM_CLASSES)
+    names = {id(p): n for n, p in segformer.named_parameters()}
+    groups = SegmentationModule(segformer).parameter_groups(1.0)
+    free = sorted(names[id(p)] for g in groups if g.get("weight_decay") == 0.0 for p in g["params"])
+    assert free == sorted(segformer.no_weight_decay_names()) and free and all("norm" in n for n in free)
+    assert [g["lr"] for g in groups] == [1.0, 1.0, 10.0]  # encoder (decayed, norms), head (its BatchNorm decays)

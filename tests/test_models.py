@@ -42,6 +42,22 @@ def test_pretrained_file_errors_are_clear(tmp_path):
     torch.save({"something": torch.zeros(3)}, tmp_path / "wrong.pth")
     with pytest.raises(pretrained.PretrainedWeightsError, match="wrong file"):
         BiSeNet(19, pretrained=str(tmp_path / "wrong.pth"))
+    # an interrupted download, a bare tensor: one error naming the file, not torch's traceback
+    whole = (tmp_path / "wrong.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(pretrained.PretrainedWeightsError, match=r"cut.pth: not a readable weights file"):
+        BiSeNet(19, pretrained=str(tmp_path / "cut.pth"))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(pretrained.PretrainedWeightsError, match=r"tensor.pth: holds a Tensor, not a state dict"):
+        pretrained.file_state_dict(tmp_path / "tensor.pth")
+    # safetensors is told by its header, whatever the file is called (Hugging Face's pytorch_model.bin era)
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(2)}, str(tmp_path / "model.bin"))
+    assert torch.equal(pretrained.file_state_dict(tmp_path / "model.bin")["a"], torch.ones(2))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "model.bin").read_bytes()[:20])
+    with pytest.raises(pretrained.PretrainedWeightsError, match=r"cut.safetensors: not a readable safetensors file"):
+        pretrained.file_state_dict(tmp_path / "cut.safetensors")
 
 
 def test_registry_failure_says_how_to_pass_a_file(monkeypatch):

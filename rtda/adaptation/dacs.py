@@ -18,7 +18,8 @@ are data and optimizer options of every method) and MIC (Hoyer et al., CVPR 2023
 6. the pixel-weighted cross-entropy of the student on the mixed images: ``mean(CE · w)`` over all pixels
    (``CrossEntropyLoss2dPixelWiseWeighted``; ignored pixels count as 0 in the mean, as there);
 7. MIC (``masking: true``, ``adaptation=mic``): the target images, strongly augmented on their own draw, with
-   random 64-pixel blocks (ratio 0.7) set to 0 after normalisation (:func:`block_mask`), trained with the
+   random blocks (64 px at full resolution, 32 px at DAFormer's 512x512 crops; ratio 0.7) set to 0 after
+   normalisation (:func:`block_mask`), trained with the
    same weighted cross-entropy on the teacher's pseudo-labels of the *unmasked* target, × ``mask_lambda``
    (MIC's ``separatetrgaug`` mode with ``mask_alpha`` and ``mask_pseudo_threshold`` ``same``: the DACS
    teacher's labels and weights are shared);
@@ -32,7 +33,8 @@ memory: the same gradient).
 **The EMA teacher** (:class:`EMATeacher`) is a copy of the segmenter that never trains: parameters without
 gradients, kept out of the optimizer, updated as ``θ_t ← α_k θ_t + (1 − α_k) θ_s`` with
 ``α_k = min(1 − 1/k, α)`` after the student's k-th optimizer step (DACS's ``update_ema_variables``; α 0.99 in
-DACS, 0.999 in DAFormer/MIC): a plain average of the first students, then an exponential one. BatchNorm
+DACS, 0.999 in DAFormer/MIC): a plain average of the first students, then an exponential one
+(``ema_schedule=daformer``: DAFormer/MIC's ``min(1 − 1/(k+1), α)``, the initial weights kept with 1/(k+1)). BatchNorm
 running statistics are averaged the same way (the authors' teacher averages parameters only).
 **Where we differ on purpose**: the update runs at the start of iteration k + 1 instead of right after step
 k — the same values, used at the same moment — because only there is it correct under DDP: DistributedDataParallel broadcasts rank 0's buffers
@@ -220,6 +222,7 @@ class DACSModule(SegmentationModule):
         total = loss_src
         if self.imnet is not None:
             student_feat = self._student_tap.features  # captured in the source forward just above
+            self._student_tap.features = None  # the later (mixed, masked) forwards' maps are not kept alive
             with torch.no_grad():
                 reference = self._imnet_tap.run(self.imnet, source["image"])
             mask = None

@@ -69,8 +69,9 @@ class SegmentationModule(TrainingModule):
             checkpoints keep their keys and every method's passes through ``self.net`` are compiled; the
             first iterations pay the compilation (minutes for DeepLabV2 on a CPU).
         no_decay_keys: parameters of the network whose names contain one of these strings train without weight
-            decay (mmseg's ``paramwise_cfg`` ``custom_keys`` with ``decay_mult=0``: SegFormer/DAFormer/MIC give it to
-            ``norm`` and ``pos_block`` of the MiT encoder). Empty: one weight decay for all (default).
+            decay (mmseg's ``paramwise_cfg`` ``custom_keys`` with ``decay_mult=0``); ``None`` (default) takes the
+            network's own ``no_weight_decay_names()`` (the MiT networks: their LayerNorms, as SegFormer/DAFormer/MIC
+            train them), none for a network without it; ``[]``: one weight decay for all.
     """
 
     trains_segmenter = True
@@ -93,7 +94,7 @@ class SegmentationModule(TrainingModule):
         warmup_iters: int = 0,
         warmup_ratio: float = 1e-6,
         compile: bool | dict = False,
-        no_decay_keys: Sequence[str] = (),
+        no_decay_keys: Sequence[str] | None = None,
     ):
         super().__init__(gradient_clip_val=gradient_clip_val, channels_last=channels_last)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
@@ -266,11 +267,16 @@ class SegmentationModule(TrainingModule):
             mult = getattr(self.net, "head_lr_mult", 1.0)
         backbone_fn = getattr(self.net, "backbone_parameters", None)
         backbone_ids = {id(p) for p in backbone_fn()} if mult != 1.0 and backbone_fn is not None else set()
-        keys = tuple(self.hparams.get("no_decay_keys") or ())
+        keys = self.hparams.get("no_decay_keys")
+        if keys is None:
+            own = getattr(self.net, "no_weight_decay_names", None)
+            free = set(own()) if own is not None else set()
+        else:
+            free = {n for n, _ in self.net.named_parameters() if any(k in n for k in keys)}
         groups: dict[tuple[bool, bool], list] = {}
         for name, p in self.net.named_parameters():
             if p.requires_grad:
-                groups.setdefault((id(p) in backbone_ids or not backbone_ids, any(k in name for k in keys)), []).append(p)
+                groups.setdefault((id(p) in backbone_ids or not backbone_ids, name in free), []).append(p)
         out = []
         for (backbone, no_decay), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
             group = {"params": params, "lr": base_lr if backbone else base_lr * mult}

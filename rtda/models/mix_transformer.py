@@ -386,10 +386,10 @@ def load_mit_weights(encoder: MixVisionTransformer, path: str | Path, state: dic
     if any(k.startswith("decode_head.") for k in state):
         if is_hf_layout(state):
             raise PretrainedWeightsError(
-                f"{source} is a Hugging Face SegFormer segmentation model (segformer.encoder.* + decode_head.*): its "
-                f"decode_head is HF's fine-tuned head, not this network's, and model.pretrained takes the ImageNet "
-                f"encoder. Download model.safetensors of nvidia/mit-{encoder.variant} (the ImageNet encoder) or "
-                f"mit_{encoder.variant}.pth instead")
+                f"{source} is a Hugging Face SegFormer segmentation model (segformer.encoder.* + decode_head.*): "
+                f"rtda maps Hugging Face names for the ImageNet encoder only, not for a decode_head. Download "
+                f"model.safetensors of nvidia/mit-{encoder.variant} (the ImageNet encoder) or mit_{encoder.variant}.pth, "
+                f"or the NVlabs/mmsegmentation checkpoint of the whole network")
         raise PretrainedWeightsError(
             f"{source} is a whole mmsegmentation checkpoint (backbone.* + decode_head.*), not an ImageNet {variant} "
             f"encoder file: pass it to the segmentation network (model.pretrained of segformer/daformer), or use "

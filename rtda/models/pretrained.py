@@ -31,24 +31,40 @@ def registry_state_dict(weights) -> dict:
         ) from err
 
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file begins with its header's length (8 bytes, little-endian) and the header's JSON ``{``."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def file_state_dict(path: str | Path) -> dict:
-    """A state dict from a weights file: ``.safetensors`` (Hugging Face), or a torch file (``.pth``/``.tar``/
-    ``.bin``/``.ckpt``) plain or nested under ``state_dict``/``model``; a DDP ``module.`` prefix dropped."""
+    """A state dict from a weights file: safetensors (Hugging Face; told by its header, whatever the suffix), or
+    a torch file (``.pth``/``.tar``/``.bin``/``.ckpt``) plain or nested under ``state_dict``/``model``; a DDP
+    ``module.`` prefix dropped. An unreadable file is one PretrainedWeightsError naming it."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise PretrainedWeightsError(f"pretrained weights file not found: {path} (model.pretrained expects true, false or a file)")
-    if path.suffix == ".safetensors":
+    if _is_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as err:
+        except (SafetensorError, OSError, ValueError) as err:
             raise PretrainedWeightsError(f"{path}: not a readable safetensors file ({err})") from err
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, not a torch file, a pickle weights_only refuses ...
+        reason = str(err).splitlines()[0].split(". ")[0]
+        raise PretrainedWeightsError(f"{path}: not a readable weights file (torch.load: {reason}); "
+                                     "model.pretrained expects a state dict (.pth/.tar/.bin/.ckpt) or a .safetensors file") from err
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedWeightsError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors "
+                                     "(name -> tensor, or one under 'state_dict' / 'model')")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

@@ -22,7 +22,7 @@ Optimiser (official ``paramwise_cfg``): ``head_lr_mult`` 10 on ``decode_head``; 
 whose name contains ``norm`` or ``pos_block`` (mmcv's custom_keys: the longest matching key wins, ``head``
 before ``norm``) — MiT's LayerNorms; no MiT parameter is named ``pos_block`` in this code (a leftover key of
 the config), and the head's BatchNorm (``bn``) keeps its decay. :meth:`MiTSegmenter.no_weight_decay_names` lists
-them for the optimiser.
+them; the optimiser takes them by default (``adaptation.no_decay_keys=null``).
 
 Pretrained: ``pretrained=/path/to/mit_bX.pth`` (official ImageNet file) or the Hugging Face ``nvidia/mit-bX``
 ``model.safetensors``/``pytorch_model.bin`` initialises the encoder (:func:`load_mit_weights`); an official
