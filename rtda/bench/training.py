@@ -327,17 +327,17 @@ class MethodRow:
             precision = {"plugins": [MixedPrecision("16-mixed", "cpu")]}
         else:
             precision = {"precision": LIGHTNING_PRECISION[self.precision]}
-        trainer = pl.Trainer(accelerator="gpu" if self.device.type == "cuda" else "cpu",
-                             devices=[self.device.index or 0] if self.device.type == "cuda" else 1,
-                             **precision, max_steps=iterations, max_epochs=-1,
-                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                             default_root_dir=self.root, callbacks=callbacks, log_every_n_steps=10**9)
-        loader = synthetic_loader(b, self.cfg.data.num_classes, iterations, self.module)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # Lightning's notices about a loop that is not a training run
             warnings.filterwarnings("ignore", ".*(does not have many workers|has `shuffle=True`|"
                                     "Trying to infer the `batch_size`|no `val_dataloader`|exceeds the|"
-                                    "ModelCheckpoint|LeafSpec|in eval mode at the start).*")
+                                    "ModelCheckpoint|LeafSpec|in eval mode at the start|`srun` command is available).*")
+            trainer = pl.Trainer(accelerator="gpu" if self.device.type == "cuda" else "cpu",
+                                 devices=[self.device.index or 0] if self.device.type == "cuda" else 1,
+                                 **precision, max_steps=iterations, max_epochs=-1,
+                                 logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                 enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                                 default_root_dir=self.root, callbacks=callbacks, log_every_n_steps=10**9)
+            loader = synthetic_loader(b, self.cfg.data.num_classes, iterations, self.module)
             try:
                 trainer.fit(self.module, train_dataloaders=loader)
             except TrainingDiverged as err:
