@@ -14,6 +14,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import blocky_label
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -47,13 +48,6 @@ def nets():
 def b5():
     torch.manual_seed(0)
     return DAFormer(19)
-
-
-def _label(n=2, h=64, w=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    small = torch.randint(0, 19, (n, 8, 16), generator=g)
-    small[0, :2, :3] = 255
-    return nn.functional.interpolate(small[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
 
 
 def _flops(net, size):
@@ -132,7 +126,7 @@ def test_no_auxiliary_heads():
 def test_loss_terms_average_over_all_pixels_and_weight(nets):
     net = nets["b0"].train()
     out = net(torch.randn(*X))
-    label = _label()
+    label = blocky_label()
     label[1] = 255
     terms = loss_terms(net, out, label)
     assert {k: c for k, (_, c) in terms.items()} == {"loss_seg": 1.0}
@@ -298,7 +292,7 @@ def test_checkpointing_gives_the_same_loss_gradients(nets):
     ckpt.backbone.checkpointing = True
     calls = []
     ckpt.backbone.block2[0].register_forward_pre_hook(lambda *args: calls.append(1))  # recomputation stops early
-    x, label = torch.randn(*X), _label()
+    x, label = torch.randn(*X), blocky_label()
     grads = []
     for net in (plain, ckpt):
         torch.manual_seed(7)  # the same stochastic depth and dropout draws

@@ -3,6 +3,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import blocky_label
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -26,13 +27,6 @@ X = (2, 3, 64, 128)
 def net():
     torch.manual_seed(0)
     return PIDNet(19)
-
-
-def _label(n=2, h=64, w=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    small = torch.randint(0, 19, (n, 8, 16), generator=g)
-    small[0, :2, :3] = 255
-    return nn.functional.interpolate(small[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
 
 
 def _top(key: str) -> str:
@@ -77,7 +71,7 @@ def test_flops_at_512x1024(net):
 def test_loss_terms_names_coefficients_and_backward(net):
     net.train()
     out = net(torch.randn(*X))
-    terms = loss_terms(net, out, _label())
+    terms = loss_terms(net, out, blocky_label())
     assert {k: c for k, (_, c) in terms.items()} == {"loss_seg": 1.0, "loss_aux/p": 0.4, "loss_boundary": 20.0,
                                                      "loss_bas": 1.0}
     total, values = total_loss(terms)
@@ -92,7 +86,7 @@ def test_zero_weight_gives_zero_terms(net):
     net.train()
     out = net(torch.randn(*X))
     out.extra["boundary"] = torch.full_like(out.extra["boundary"], 3.0)  # every pixel passes the 0.8 threshold
-    for name, (value, _) in net.loss_terms(out, _label(), weight=torch.zeros(2, 64, 128)).items():
+    for name, (value, _) in net.loss_terms(out, blocky_label(), weight=torch.zeros(2, 64, 128)).items():
         assert value.item() == 0.0, name
 
 
@@ -100,7 +94,7 @@ def test_aux_ce_averages_over_all_pixels_as_the_official_loop():
     # the official _ce_forward returns per-pixel losses, averaged by the training loop with ignored pixels as 0
     net = PIDNet(19).train()
     out = net(torch.randn(*X))
-    label = _label()
+    label = blocky_label()
     label[1] = 255
     ce = nn.functional.cross_entropy(out.aux["p"], label, ignore_index=255, reduction="none")
     torch.testing.assert_close(net.loss_terms(out, label)["loss_aux/p"][0], ce.mean())

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rtda.models.pretrained import PretrainedWeightsError, file_state_dict
+from rtda.models.pretrained import PretrainedWeightsError, file_state_dict, key_mismatches
 from rtda.run.errors import ConfigValueError
 
 #: the official ``mit_b0`` … ``mit_b5`` classes: embedding dims, heads, blocks per stage, MLP ratios
@@ -403,19 +403,8 @@ def load_mit_weights(encoder: MixVisionTransformer, path: str | Path, state: dic
         mapped = {k: v for k, v in state.items() if not k.startswith(NV_CLASSIFIER)}
         foreign = []
     own = encoder.state_dict()
-    missing = sorted(set(own) - set(mapped))
-    unexpected = sorted(foreign + [k for k in mapped if k not in own])
-    wrong = sorted(k for k in set(own) & set(mapped) if own[k].shape != mapped[k].shape)
-    if missing or unexpected or wrong:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} tensors of the network are not in the file, e.g. {missing[:3]}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} tensors of the file are not in the network, e.g. {unexpected[:3]}")
-        if wrong:
-            k = wrong[0]
-            problems.append(f"{len(wrong)} tensors differ in shape, e.g. {k}: file {tuple(mapped[k].shape)}, "
-                            f"network {tuple(own[k].shape)}")
+    problems = key_mismatches(own, {**mapped, **dict.fromkeys(foreign)})  # unmapped names count as unexpected
+    if problems:
         guess = _guess_variant(mapped)
         if guess is not None and guess != encoder.variant:
             problems.append(f"the file holds MiT-{guess.upper()}, the network is {variant} "

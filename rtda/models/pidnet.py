@@ -56,7 +56,7 @@ from torch import nn
 from rtda.models.frozen_bn import freeze_batchnorm
 from rtda.models.losses import LossTerms, ohem_cross_entropy, pixel_cross_entropy
 from rtda.models.outputs import SegmentationOutputs
-from rtda.models.pretrained import PretrainedWeightsError, file_state_dict
+from rtda.models.pretrained import PretrainedWeightsError, file_state_dict, key_mismatches
 from rtda.run.errors import ConfigValueError
 
 IMAGENET_FILE = "PIDNet_S_ImageNet.pth.tar"
@@ -385,20 +385,9 @@ class PIDNet(nn.Module):
         else:
             expected = {k for k in own if k.split(".", 1)[0] in IMAGENET_PARTS}
             dropped = {k for k in state if k.split(".", 1)[0] in IMAGENET_CLASSIFIER}
-        optional = {k for k in expected if k.endswith("num_batches_tracked")}
-        missing = sorted(expected - set(state) - optional)
-        unexpected = sorted(set(state) - expected - dropped)
-        wrong = sorted(k for k in expected & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
+        problems = key_mismatches(own, state, expected, dropped)
+        if problems:
             what = "an official PIDNet-S checkpoint" if layout == "full" else f"the official ImageNet file {IMAGENET_FILE}"
-            problems = []
-            if missing:
-                problems.append(f"{len(missing)} tensors of the network are not in the file, e.g. {missing[:3]}")
-            if unexpected:
-                problems.append(f"{len(unexpected)} tensors of the file are not in the network, e.g. {unexpected[:3]}")
-            if wrong:
-                problems.append(f"{len(wrong)} tensors differ in shape, e.g. {wrong[0]}: file "
-                                f"{tuple(state[wrong[0]].shape)}, network {tuple(own[wrong[0]].shape)}")
             raise PretrainedWeightsError(
                 f"{source} does not fit PIDNet-S as {what} (official names): {'; '.join(problems)}. "
                 f"File keys e.g. {sorted(state)[:3]}; network keys e.g. {sorted(expected)[:3]}"

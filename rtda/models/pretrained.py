@@ -15,7 +15,7 @@ from torch import nn
 
 from rtda.run.errors import PretrainedWeightsError
 
-__all__ = ["PretrainedWeightsError", "file_state_dict", "load_matching", "registry_state_dict"]
+__all__ = ["PretrainedWeightsError", "file_state_dict", "key_mismatches", "load_matching", "registry_state_dict"]
 
 
 def registry_state_dict(weights) -> dict:
@@ -66,6 +66,28 @@ def file_state_dict(path: str | Path) -> dict:
         raise PretrainedWeightsError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors "
                                      "(name -> tensor, or one under 'state_dict' / 'model')")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def key_mismatches(own: dict, state: dict, expected: set | None = None, dropped: set = frozenset(),
+                   shape_hint: str = "") -> list[str]:
+    """What keeps ``state`` (a file's, names mapped) from loading strictly into the ``expected`` keys of ``own`` (a
+    network's state dict; default all): one phrase each for missing tensors (``num_batches_tracked`` optional),
+    unexpected ones (``dropped`` excepted) and shape mismatches, with examples. Empty: it fits."""
+    expected = set(own) if expected is None else expected
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    missing = sorted(expected - set(state) - optional)
+    unexpected = sorted(set(state) - expected - set(dropped))
+    wrong = sorted(k for k in expected & set(state) if own[k].shape != state[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors of the network are not in the file, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors of the file are not in the network, e.g. {unexpected[:3]}")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} tensors differ in shape, e.g. {k}: file {tuple(state[k].shape)}, "
+                        f"network {tuple(own[k].shape)}{shape_hint}")
+    return problems
 
 
 def load_matching(module: nn.Module, state: dict, source: str, prefixes: tuple[str, ...] = ("",)) -> list[str]:

@@ -46,7 +46,7 @@ from rtda.models.mix_transformer import (
     pretrained_hint,
 )
 from rtda.models.outputs import SegmentationOutputs
-from rtda.models.pretrained import PretrainedWeightsError, file_state_dict
+from rtda.models.pretrained import PretrainedWeightsError, file_state_dict, key_mismatches
 from rtda.run.errors import ConfigValueError
 
 
@@ -163,20 +163,8 @@ class MiTSegmenter(nn.Module):
         own = self.state_dict()
         expected = set(own)
         dropped = {k for k in state if k.startswith(self.UNUSED_CHECKPOINT_KEYS)} if self.UNUSED_CHECKPOINT_KEYS else set()
-        optional = {k for k in expected if k.endswith("num_batches_tracked")}
-        missing = sorted(expected - set(state) - optional)
-        unexpected = sorted(set(state) - expected - dropped)
-        wrong = sorted(k for k in expected & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
-            problems = []
-            if missing:
-                problems.append(f"{len(missing)} tensors of the network are not in the file, e.g. {missing[:3]}")
-            if unexpected:
-                problems.append(f"{len(unexpected)} tensors of the file are not in the network, e.g. {unexpected[:3]}")
-            if wrong:
-                k = wrong[0]
-                problems.append(f"{len(wrong)} tensors differ in shape, e.g. {k}: file {tuple(state[k].shape)}, "
-                                f"network {tuple(own[k].shape)} (another variant or number of classes?)")
+        problems = key_mismatches(own, state, expected, dropped, " (another variant or number of classes?)")
+        if problems:
             raise PretrainedWeightsError(
                 f"{source} does not fit {self.NAME}-{self.variant.upper()} ({self.num_classes} classes) as an official "
                 f"mmsegmentation checkpoint: {'; '.join(problems)}. File keys e.g. {sorted(state)[:3]}; network keys "

@@ -38,6 +38,14 @@ TINY_DEMO = {"seed": 0, "source_count": 12, "target_train_count": 8, "target_val
 LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
 
 
+def blocky_label(n: int = 2, h: int = 64, w: int = 128, seed: int = 0) -> torch.Tensor:
+    """An ``n×h×w`` label of 19 classes in 8x16 blocks (edges for boundary losses), a 2x3-block corner of 255."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.randint(0, 19, (n, 8, 16), generator=g)
+    small[0, :2, :3] = 255
+    return torch.nn.functional.interpolate(small[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+
+
 def tiny_overrides(data_dir: Path) -> list[str]:
     """Hydra overrides that point the demo config at the tiny demo and keep a run to seconds."""
     return [f"paths.data_dir={data_dir}"] + [f"+data.prepare.{k}={v}" for k, v in TINY_DEMO.items() if k != "seed"]
