@@ -109,7 +109,13 @@ def test_non_finite_weights_are_never_saved():
     module.on_save_checkpoint({})  # finite: saved
     with torch.no_grad():
         module.net.classifier.weight[0, 0, 0, 0] = float("inf")
-    with pytest.raises(TrainingDiverged, match=r"not finite \(e.g. net.classifier.weight\)"):
+    with pytest.raises(TrainingDiverged, match=r"1 weights are not finite \(e.g. net.classifier.weight\)"):
+        module.on_save_checkpoint({})
+    with torch.no_grad():  # a NaN BatchNorm statistic (a buffer, not a parameter) as well
+        module.net.classifier.weight[0, 0, 0, 0] = 0.0
+        bn = next(m for m in module.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        bn.running_var[-1] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"1 weights are not finite \(e.g. net\..*running_var\)"):
         module.on_save_checkpoint({})
 
 

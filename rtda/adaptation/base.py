@@ -24,6 +24,7 @@ with its optimizer, once per iteration (Lightning does not step schedulers under
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -252,7 +253,15 @@ class TrainingModule(pl.LightningModule):
     def check_weights_finite(self, when: str) -> None:
         """A NaN/inf weight or BatchNorm statistic (an infinite gradient on a finite loss) stops the run
         before the diverged network is scored or saved."""
-        bad = [name for name, t in self.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        named = [(name, t) for name, t in self.state_dict().items() if t.is_floating_point() and t.numel()]
+        if not named:
+            return
+        # one max-|x| per tensor in a single fused call (NaN and inf propagate into it), one host sync: an
+        # elementwise isfinite per tensor costs ~100x more on a CPU, paid at every validation and checkpoint
+        peaks = torch.stack(torch._foreach_norm([t.detach() for _, t in named], ord=float("inf")))
+        if bool(torch.isfinite(peaks).all()):
+            return
+        bad = [name for (name, _), peak in zip(named, peaks.tolist()) if not math.isfinite(peak)]
         if bad:
             raise TrainingDiverged(f"training diverged by iteration {self.iteration}: {len(bad)} weights are not "
                                    f"finite (e.g. {bad[0]}) {when}. The run stopped; no checkpoint of them was kept "
