@@ -59,3 +59,22 @@ class SegmentationMetrics(Metric):
             "mAcc": float(torch.nanmean(recall)) if bool((gt > 0).any()) else float("nan"),
             "confmat": self.confmat.clone(),
         }
+
+
+def subset_miou(iou: torch.Tensor, class_names, subset) -> float:
+    """The mean of the per-class IoU over the classes named in ``subset`` (NaN classes left out, as in
+    :meth:`SegmentationMetrics.compute`): the benchmark's mIoU16 / mIoU13, not a 19/16 rescaling of mIoU19."""
+    names = list(class_names)
+    missing = [n for n in subset if n not in names]
+    if missing:
+        raise ValueError(f"classes {missing} are not among the network's classes {names}")
+    values = torch.as_tensor(iou, dtype=torch.float64)[[names.index(n) for n in subset]]
+    return float(torch.nanmean(values)) if bool((~values.isnan()).any()) else float("nan")
+
+
+def subset_scores(iou: torch.Tensor, class_names, headline, reported=()) -> dict:
+    """``{"mIoU": mean over headline, "mIoU<n>": mean over each reported subset of n classes}``."""
+    out = {"mIoU": subset_miou(iou, class_names, headline)}
+    for subset in reported:
+        out[f"mIoU{len(subset)}"] = subset_miou(iou, class_names, subset)
+    return out

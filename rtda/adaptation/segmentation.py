@@ -25,10 +25,10 @@ from PIL import Image
 from torch import nn
 
 from rtda.adaptation.base import TrainingModule, plain, poly_lambda
-from rtda.data.labels import CLASS_NAMES, IGNORE_INDEX
+from rtda.data.labels import CLASS_NAMES, EVAL_CLASSES, IGNORE_INDEX, REPORTED_SUBSETS
 from rtda.data.normalization import normalize
 from rtda.data.render import prediction_panel
-from rtda.metrics import SegmentationMetrics
+from rtda.metrics import SegmentationMetrics, subset_scores
 from rtda.models.losses import loss_terms, total_loss
 from rtda.models.outputs import main_logits
 from rtda.run.errors import ConfigValueError
@@ -211,7 +211,13 @@ class SegmentationModule(TrainingModule):
     def _log_epoch_metrics(self, metrics: SegmentationMetrics, stage: str) -> dict:
         result = metrics.compute()
         metrics.reset()
-        values = {f"{stage}/acc": result["acc"], f"{stage}/mAcc": result["mAcc"]}
+        # data.eval_classes (SYNTHIA: synthia16 | synthia13): mIoU over that subset, mIoU16 and mIoU13 beside it
+        eval_classes = getattr(getattr(self.trainer, "datamodule", None), "eval_classes", "all")
+        if eval_classes != "all":
+            result.update(subset_scores(result["IoU"], self.class_names, EVAL_CLASSES[eval_classes],
+                                        REPORTED_SUBSETS[eval_classes]))
+        values = {f"{stage}/acc": result["acc"], f"{stage}/mAcc": result["mAcc"],
+                  **{f"{stage}/{k}": v for k, v in result.items() if k.startswith("mIoU") and k != "mIoU"}}
         for name, iou in zip(self.class_names, result["IoU"].tolist()):
             # NaN (class absent from truth and prediction) is logged as NaN: loggers and rtda-compare skip it
             values[f"{stage}/IoU/{name}"] = iou

@@ -59,7 +59,7 @@ from rtda.analysis.front import (
 from rtda.run.errors import RtdaError
 from rtda.run.files import atomic_write_text, check_writable
 from rtda.run.results import NOT_EXPERIMENT_KEYS as NOT_RUN_KEYS
-from rtda.run.results import is_experiment_key
+from rtda.run.results import is_experiment_key, subset_mious
 
 #: override keys (and prefixes, ending in ".") that do not change what a run measures: never grouped on
 NOT_EXPERIMENT_KEYS = ("seed", *NOT_RUN_KEYS)
@@ -166,6 +166,7 @@ def load_run(path: str | Path, ignore: Sequence[str] = ()) -> dict:
         "seed": _seed(results, run_dir),
         "setting": setting,
         "mIoU": test.get("mIoU"),
+        "subsets": subset_mious(test),  # mIoU16 / mIoU13 of a SYNTHIA run (data.eval_classes)
         "IoU": dict(test.get("IoU") or {}),
         "best_val_mIoU": results.get("best_val_mIoU"),
         "error": results.get("error"),
@@ -209,6 +210,7 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
     all_keys = _ordered(k for s in settings for k in s)
     varying = [k for k in all_keys if len({s.get(k) for s in settings}) > 1]
     classes = list(dict.fromkeys(name for r in done for name in r["IoU"]))
+    subsets = list(dict.fromkeys(name for r in done for name in r.get("subsets") or {}))
     rows = []
     for key, members in groups.items():
         setting = dict(key)
@@ -225,6 +227,9 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
             "mIoU_std": _pct(std),
             "best_val_mIoU": _pct(val),
         }
+        for name in subsets:  # mIoU16, mIoU13: their own columns, beside mIoU
+            m, s = _mean_std([(r.get("subsets") or {}).get(name) for r in members])
+            row[name], row[f"{name}_std"] = _pct(m), _pct(s)
         for name in classes:
             m, s = _mean_std([r["IoU"].get(name) for r in members])
             row[f"IoU/{name}"] = _pct(m)
@@ -256,6 +261,11 @@ def class_names(rows: Sequence[dict]) -> list[str]:
     return [k.split("/", 1)[1] for k in (rows[0] if rows else {}) if k.startswith("IoU/")]
 
 
+def subset_names(rows: Sequence[dict]) -> list[str]:
+    """The ``mIoU<n>`` columns of the rows (a SYNTHIA run's mIoU16, mIoU13)."""
+    return [k for k in (rows[0] if rows else {}) if k[:4] == "mIoU" and k[4:].isdigit()]
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -267,9 +277,10 @@ def _miou_cell(row: dict) -> str:
 def table(rows: Sequence[dict], per_class: bool = True) -> tuple[list[str], list[list[str]]]:
     """(header, cells) of the comparison table, numbers in % with two decimals."""
     names = class_names(rows) if per_class else []
-    header = ["group", "runs", "seeds", "mIoU (%)", *names]
+    subsets = subset_names(rows)
+    header = ["group", "runs", "seeds", "mIoU (%)", *(f"{n} (%)" for n in subsets), *names]
     cells = [[row["group"], str(row["runs"]), ",".join(str(s) for s in row["seeds"]), _miou_cell(row),
-              *(_fmt(row[f"IoU/{n}"], 1) for n in names)] for row in rows]
+              *(_fmt(row[n]) for n in subsets), *(_fmt(row[f"IoU/{n}"], 1) for n in names)] for row in rows]
     return header, cells
 
 
@@ -309,7 +320,8 @@ def to_text(rows: Sequence[dict], runs: Sequence[dict] = ()) -> str:
 def write_csv(rows: Sequence[dict], path: str | Path) -> None:
     """One line per group: group, runs, seeds, mIoU, mIoU_std, best_val_mIoU, IoU/<class>, IoU_std/<class>, setting."""
     names = class_names(rows)
-    fields = ["group", "runs", "seeds", "mIoU", "mIoU_std", "best_val_mIoU",
+    fields = ["group", "runs", "seeds", "mIoU", "mIoU_std", *(f for n in subset_names(rows) for f in (n, f"{n}_std")),
+              "best_val_mIoU",
               *(f"IoU/{n}" for n in names), *(f"IoU_std/{n}" for n in names), "setting", "run_dirs"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rtda.data.cityscapes import Cityscapes
 from rtda.data.gta5 import GTA5
+from rtda.data.labels import EVAL_CLASSES, NUM_CLASSES
 from rtda.data.samplers import ResumableDataLoader, ResumableSampler, SeededSamples, init_worker, mix_seed
 from rtda.data.stats import cached_stats_of
 from rtda.data.transforms import SegmentationTransform
@@ -132,6 +133,7 @@ class DomainAdaptationDataModule(pl.LightningDataModule):
         rcs_temperature: float = 0.01,
         rcs_min_pixels: int = 3000,
         seed: int | None = None,
+        eval_classes: str = "all",
     ):
         """``source``/``target``/``val``/``test`` are dataset factories taking ``transform=`` (Hydra partials).
 
@@ -141,7 +143,9 @@ class DomainAdaptationDataModule(pl.LightningDataModule):
         from the class statistics of :mod:`rtda.data.stats` (computed once, cached next to the data).
         ``seed`` is the base seed of the training order and augmentation (:mod:`rtda.data.samplers`); None:
         the run's ``seed`` (what ``seed_everything`` set), else a random one. It is saved in the checkpoints,
-        and a resumed run continues with the checkpoint's.
+        and a resumed run continues with the checkpoint's. ``eval_classes`` (``all`` | ``synthia16`` |
+        ``synthia13``, :data:`rtda.data.labels.EVAL_CLASSES`): the classes the validation/test ``mIoU`` averages; a
+        SYNTHIA subset also reports ``mIoU16`` and ``mIoU13`` (and ``mIoU19``) beside it.
         """
         super().__init__()
         self.factories = {"source": source, "target": target, "val": val, "test": test or val}
@@ -163,6 +167,12 @@ class DomainAdaptationDataModule(pl.LightningDataModule):
         self.transforms: dict[str, SegmentationTransform] = {}
         self._rcs_sampler: RareClassSampler | None = None
         self._seed = None if seed is None else int(seed)
+        if eval_classes not in EVAL_CLASSES:
+            raise ConfigValueError(f"data.eval_classes={eval_classes!r}: expected one of {', '.join(EVAL_CLASSES)}")
+        if eval_classes != "all" and num_classes != NUM_CLASSES:
+            raise ConfigValueError(f"data.eval_classes={eval_classes} names Cityscapes classes: it needs num_classes="
+                                   f"{NUM_CLASSES}, not {num_classes}")
+        self.eval_classes = eval_classes
 
     def prepare_data(self) -> None:
         if self.prepare is not None:

@@ -118,3 +118,24 @@ def colors_to_label_ids(rgb: np.ndarray, unknown: int = 0) -> np.ndarray:
     ids[_COLOR_KEYS[pos] != keys] = unknown
     return ids
 
+
+
+# -- class subsets scored apart (``data.eval_classes``) -------------------------------------------------------
+# SYNTHIA (SYNTHIA-RAND-CITYSCAPES) has no terrain, truck or train: its benchmark scores the other 16 classes
+# (mIoU16) and the 13 without wall, fence and pole (mIoU13). These are the train-id lists that the public UDA
+# evaluation scripts reporting both hard-code (``synthia_set_16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17,
+# 18]``, ``synthia_set_13 = [0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]``); DAFormer's converter marks the
+# same three (terrain, truck, train) "not present in synthia".
+SYNTHIA16: tuple[str, ...] = tuple(n for n in CLASS_NAMES if n not in ("terrain", "truck", "train"))
+SYNTHIA13: tuple[str, ...] = tuple(n for n in SYNTHIA16 if n not in ("wall", "fence", "pole"))
+
+#: ``data.eval_classes`` -> the classes the headline ``mIoU`` averages
+EVAL_CLASSES: dict[str, tuple[str, ...]] = {"all": CLASS_NAMES, "synthia16": SYNTHIA16, "synthia13": SYNTHIA13}
+
+#: ``data.eval_classes`` -> the class subsets also reported, as ``mIoU<number of classes>``: a SYNTHIA run
+#: reports mIoU16 and mIoU13 together (and mIoU19 over all classes), whichever of the two is the headline
+REPORTED_SUBSETS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "all": (),
+    "synthia16": (SYNTHIA16, SYNTHIA13, CLASS_NAMES),
+    "synthia13": (SYNTHIA16, SYNTHIA13, CLASS_NAMES),
+}

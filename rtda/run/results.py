@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from rtda.run.config import in_multirun, overrides
@@ -82,10 +83,21 @@ def test_scores(metrics: dict, class_names: list[str]) -> dict | None:
 
     return {
         "mIoU": value("test/mIoU"),
+        # the class subsets of data.eval_classes (a SYNTHIA run: mIoU16, mIoU13, mIoU19)
+        **{key[len("test/"):]: value(key) for key in sorted(metrics, key=str) if _SUBSET_MIOU.fullmatch(str(key))},
         "acc": value("test/acc"),
         "mAcc": value("test/mAcc"),
         "IoU": {name: value(f"test/IoU/{name}") for name in class_names},
     }
+
+
+_SUBSET_MIOU = re.compile(r"test/mIoU\d+")
+
+
+def subset_mious(test: dict) -> dict:
+    """The ``mIoU<n>`` scores of a test result (``{"mIoU16": …, "mIoU13": …}``), in descending n."""
+    keys = [k for k in test if re.fullmatch(r"mIoU\d+", k)]
+    return {k: test[k] for k in sorted(keys, key=lambda k: -int(k[4:]))}
 
 
 def format_summary(results: dict) -> str:
@@ -93,6 +105,9 @@ def format_summary(results: dict) -> str:
     test = results.get("test")
     if test:
         lines.append(f"target test mIoU: {100 * test['mIoU']:.2f}   (pixel acc {100 * test['acc']:.2f})")
+        subsets = subset_mious(test)
+        if subsets:
+            lines.append("   ".join(f"{k}: {'n/a' if v is None else f'{100 * v:.2f}'}" for k, v in subsets.items()))
         lines.append("per-class IoU:")
         for name, iou in test["IoU"].items():
             lines.append(f"  {name:<14} {'   n/a' if iou is None else f'{100 * iou:6.2f}'}")
