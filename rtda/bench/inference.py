@@ -9,7 +9,10 @@ baseline, NCHW); ``eager`` is rtda's own inference path (``SegmentationModule.pr
 unless ``bench.channels_last=false``), so the ratio of the two shows any wrapper overhead or gain;
 ``channels_last`` (the bare module in NHWC); ``compile`` (``torch.compile``, compile time
 excluded, reported apart); ``onnxruntime`` (ONNX export of the eval-mode network, fp32, run by ONNX
-Runtime: the deployment path on a CPU). Achieved GFLOP/s is FLOPs / median latency; on the CPU it is also
+Runtime: the deployment path on a CPU). ``bench.model_path=model.onnx`` (or a list) adds a row per file written by
+``rtda-export`` (variant: its format, ``onnx`` / ``onnx_fp16`` / ``onnx_int8``; on ``bench.device=cuda`` one per
+TensorRT and CUDA provider installed), beside the rows of its checkpoint (``bench.ckpt_path``, else the one its
+card names). Achieved GFLOP/s is FLOPs / median latency; on the CPU it is also
 given as a fraction of the matmul ceiling measured in the same run (the best of PyTorch's and ONNX
 Runtime's fp32 GEMM, both reported).
 """
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -40,6 +44,8 @@ from rtda.bench.complexity import (
 )
 from rtda.bench.data import DATA_COLUMNS
 from rtda.bench.training import TRAIN_COLUMNS
+from rtda.models.deploy import execution_providers, export_onnx, onnx_session, read_card
+from rtda.run import config as rtda_config
 from rtda.run.checkpoints import build_net, load_checkpoint
 from rtda.run.errors import ConfigValueError
 
@@ -58,26 +64,62 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _onnx_runner(net: torch.nn.Module, example: torch.Tensor, device: torch.device, threads: int):
-    import logging
-
-    import onnxruntime as ort
-
-    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # their INFO logs would bury the table
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """The ``onnxruntime`` row: the bare network exported as it is (float input, fixed shape) and run by ONNX Runtime
+    (CUDA when ``device`` is and ORT has it)."""
     folder = tempfile.mkdtemp(prefix="rtda-onnx-")
     path = Path(folder) / "model.onnx"
-    export_start = time.perf_counter()
-    torch.onnx.export(net, (example,), str(path), input_names=["image"], output_names=["logits"], dynamo=True,
-                      opset_version=18, verbose=False)
-    export_s = time.perf_counter() - export_start
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    export_s = export_onnx(net, example, path, dynamic_batch=False)
+    session = onnx_session(path, "cuda" if device.type == "cuda" else "cpu", threads)
     feed = {"image": example.detach().cpu().numpy()}
     return (lambda: session.run(None, feed)), f"export {export_s:.1f}s, {session.get_providers()[0]}", session, feed
+
+
+#: rtda-export formats -> the precision column
+_FILE_PRECISION = {"onnx": "fp32", "onnx_fp16": "fp16", "onnx_int8": "int8"}
+
+
+def _file_runners(paths: list[str], device: torch.device, threads: int, batch_size: int) -> list[dict]:
+    """One timed row per exported file (``bench.model_path``, :mod:`rtda.pipelines.export`) and execution provider:
+    the CPU's on ``bench.device=cpu``; on ``cuda`` TensorRT's and CUDA's, each where ONNX Runtime has it."""
+    import onnxruntime as ort
+
+    runners = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"bench.model_path: no such file: {path}")
+        card = read_card(path) or {}
+        fmt = card.get("format", "onnx")
+        if device.type == "cuda":
+            installed = ort.get_available_providers()
+            options = [(short, execution_providers(kind)) for short, kind, name in
+                       (("TensorRT", "tensorrt", "TensorrtExecutionProvider"), ("CUDA", "cuda", "CUDAExecutionProvider"))
+                       if name in installed]
+            if not options:
+                runners.append({"variant": fmt, "note": f"skipped: {Path(path).name}: ONNX Runtime has no CUDA "
+                                                        "provider here (pip install onnxruntime-gpu)", "card": card})
+                continue
+        else:
+            options = [("", ["CPUExecutionProvider"])]
+        for short, providers in options:
+            start = time.perf_counter()
+            session = onnx_session(path, threads=threads, providers=providers)
+            inp = session.get_inputs()[0]
+            height, width = (int(s) for s in inp.shape[2:])
+            shape = (batch_size, 3, height, width)
+            image = (np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8) if inp.type == "tensor(uint8)"
+                     else np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+            feed = {inp.name: image}
+            session.run(None, feed)  # TensorRT builds its engine on the first run: not timed
+            runners.append({"variant": fmt + (f"@{short}" if short else ""), "fn": (lambda s=session, f=feed: s.run(None, f)),
+                            "card": card, "input": f"{batch_size}x3x{height}x{width}", "size": (height, width),
+                            "precision": _FILE_PRECISION.get(fmt, fmt),
+                            "note": f"{Path(path).name}, {session.get_providers()[0]}, "
+                                    f"session {time.perf_counter() - start:.1f}s"})
+    names = [r["variant"] for r in runners]
+    for r in runners:  # two files of one format: tell them apart by name
+        if names.count(r["variant"]) > 1:
+            r["variant"] += f"[{r['note'].split(',')[0]}]"
+    return runners
 
 
 def _variant(variant, net, module, model_cfg, example, device, precision, threads):
@@ -127,9 +169,16 @@ def benchmark(cfg: DictConfig) -> list[dict]:
     if b.threads:
         torch.set_num_threads(int(b.threads))
     threads = torch.get_num_threads()
-    if b.get("ckpt_path"):  # the segmenter of any method's checkpoint (weights_only), as its run configured it
-
-        ckpt = load_checkpoint(b.ckpt_path)
+    files = [] if not b.get("model_path") else [str(b.model_path)] if isinstance(b.model_path, str) else \
+        [str(p) for p in b.model_path]
+    ckpt_path = b.get("ckpt_path")
+    if files and not ckpt_path:  # the files' own checkpoint (their card names it) beside them, when it is still there
+        recorded = (read_card(files[0]) or {}).get("training_run", {}).get("checkpoint")
+        ckpt_path = recorded if recorded and Path(recorded).is_file() else None
+        if ckpt_path is None:
+            return _files_only(cfg, files, device, threads)
+    if ckpt_path:  # the segmenter of any method's checkpoint (weights_only), as its run configured it
+        ckpt = load_checkpoint(ckpt_path)
         model_cfg = {**ckpt["rtda"]["config"]["model"], "pretrained": False}
         net = build_net(ckpt).to(device)
         name = ckpt["rtda"].get("choices", {}).get("model", type(net).__name__)
@@ -138,7 +187,8 @@ def benchmark(cfg: DictConfig) -> list[dict]:
         model_cfg["pretrained"] = False  # weights do not change the speed; fetch nothing
         net = hydra.utils.instantiate(model_cfg).eval().to(device)
         name = hydra.core.hydra_config.HydraConfig.get().runtime.choices.get("model", type(net).__name__)
-    example = torch.randn(b.batch_size, 3, b.height, b.width, device=device)
+    height, width = _rows_size(b, files)
+    example = torch.randn(b.batch_size, 3, height, width, device=device)
 
     params = count_parameters(net, example[:1])
     flops = count_flops(net, example[:1])
@@ -161,6 +211,16 @@ def benchmark(cfg: DictConfig) -> list[dict]:
             fns[variant], notes[variant] = _variant(variant, net, module, model_cfg, example, device, b.precision, threads)
         except ImportError as err:
             rows.append({"model": name, "variant": variant, "note": f"skipped: {err}"})
+    file_rows = {}
+    for runner in _file_runners(files, device, threads, b.batch_size) if files else []:
+        if "fn" not in runner:
+            rows.append({"model": name, "variant": runner["variant"], "note": runner["note"]})
+            continue
+        fns[runner["variant"]], notes[runner["variant"]] = runner["fn"], runner["note"]
+        same = runner["size"] == (height, width)  # the network's FLOPs hold for the file at its own size only
+        file_rows[runner["variant"]] = {"precision": runner["precision"], "input": runner["input"],
+                                        "GFLOPs": flops / 1e9 if same else None, "GMACs": flops / 2e9 if same else None,
+                                        "flops": flops if same else None}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stats = measure_interleaved(fns, device, warmup=b.warmup, min_runs=b.min_runs, max_runs=b.max_runs,
@@ -169,7 +229,7 @@ def benchmark(cfg: DictConfig) -> list[dict]:
         achieved = flops * b.batch_size / (st["median_ms"] / 1000.0) / 1e9
         rows.append({
             "model": name, "variant": variant, "device": str(device), "precision": b.precision,
-            "input": f"{b.batch_size}x3x{b.height}x{b.width}", "params_M": params["inference_params"] / 1e6,
+            "input": f"{b.batch_size}x3x{height}x{width}", "params_M": params["inference_params"] / 1e6,
             "params_with_training_heads_M": params["params"] / 1e6,
             "trainable_params": params["trainable_params"], "GFLOPs": flops / 1e9, "GMACs": flops / 2e9,
             "median_ms": st["median_ms"], "p90_ms": st["p90_ms"], "fps": st["fps"] * b.batch_size,
@@ -179,11 +239,51 @@ def benchmark(cfg: DictConfig) -> list[dict]:
             "peak_mem_MB": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
             "threads": threads, "note": notes[variant],
         })
+        if variant in file_rows:  # an exported file: its own precision and input; GFLOP/s where its size is the net's
+            extra = file_rows[variant]
+            rows[-1].update({k: v for k, v in extra.items() if k != "flops"})
+            if extra["flops"] is None:
+                rows[-1].update({"GFLOP/s": None, "ceiling_%": None, "torch_mm_%": None})
     plain = next((r for r in rows if r.get("variant") == "plain" and "median_ms" in r), None)
     for r in rows:
         if plain and "median_ms" in r:
             r["vs_plain"] = r["median_ms"] / plain["median_ms"]
     record = machine_record(cfg, ceilings)
+    for r in rows:
+        r["machine"] = record
+    return rows
+
+
+def _rows_size(b: DictConfig, files: list[str]) -> tuple[int, int]:
+    """The checkpoint rows' H×W: ``bench.height``/``bench.width``, except beside exported files when neither was
+    given on the command line: the first file's own size (its card's), so the rows compare like with like."""
+    given = {o.lstrip("+~").split("=", 1)[0] for o in rtda_config.overrides()}
+    shape = ((read_card(files[0]) or {}).get("input") or {}).get("shape") if files else None
+    if shape and not given & {"bench.height", "bench.width"}:
+        return int(shape[2]), int(shape[3])
+    return int(b.height), int(b.width)
+
+
+def _files_only(cfg: DictConfig, files: list[str], device: torch.device, threads: int) -> list[dict]:
+    """``bench.model_path`` without a checkpoint to time beside it (none given, the card's gone): the files' rows."""
+    b = cfg.bench
+    rows, fns, runners = [], {}, {}
+    for runner in _file_runners(files, device, threads, b.batch_size):
+        card = runner["card"]
+        name = card.get("training_run", {}).get("choices", {}).get("model") or card.get("network") or "onnx"
+        if "fn" not in runner:
+            rows.append({"model": name, "variant": runner["variant"], "note": runner["note"]})
+            continue
+        fns[runner["variant"]], runners[runner["variant"]] = runner["fn"], (runner, name)
+    stats = measure_interleaved(fns, device, warmup=b.warmup, min_runs=b.min_runs, max_runs=b.max_runs,
+                                max_seconds=b.max_seconds * max(1, len(fns))) if fns else {}
+    for variant, st in stats.items():
+        runner, name = runners[variant]
+        rows.append({"model": name, "variant": variant, "device": str(device), "precision": runner["precision"],
+                     "input": runner["input"], "params_M": runner["card"].get("params_M"), "median_ms": st["median_ms"],
+                     "p90_ms": st["p90_ms"], "fps": st["fps"] * b.batch_size, "runs": st["runs"], "threads": threads,
+                     "note": runner["note"]})
+    record = machine_record(cfg)
     for r in rows:
         r["machine"] = record
     return rows

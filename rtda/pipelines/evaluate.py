@@ -3,10 +3,13 @@
     rtda-eval ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt
     rtda-eval ckpt_path=[a.ckpt,b.ckpt,c.ckpt] save_predictions=8        # ensemble, with pictures
     rtda-eval ckpt_path=… data=gta5_to_cityscapes paths.data_dir=/datasets split=val
+    rtda-eval ckpt_path=deploy/model_int8.onnx                             # an rtda-export file, by ONNX Runtime
 
 The network is rebuilt from the checkpoint's own resolved config (so the weights always fit), the
 data from the run's saved command line plus today's overrides. Scoring is the training test step's:
 predict at ``data.eval_size``, upsample the logits to the full-resolution label, one confusion matrix.
+An exported ``.onnx`` file is scored by that same test step (:mod:`rtda.pipelines.onnx_model`), its data from the
+training run its card records, at the file's own input size.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from omegaconf import DictConfig
 from rtda.adaptation.segmenter import segmenter_module
 from rtda.analysis.figures import confusion_matrix_figure
 from rtda.data.render import colorize, overlay, save_rgb
+from rtda.pipelines.onnx_model import card_overrides, is_onnx, onnx_segmenter_module
 from rtda.run import config as rtda_config
 from rtda.run.checkpoints import load_checkpoint
 from rtda.run.errors import CheckpointError, ConfigValueError
@@ -44,7 +48,7 @@ def replay_overrides(argv: list[str]) -> list[str]:
         return argv
     first = ckpt_arg.split("=", 1)[1].strip("[]").split(",")[0].strip().strip("'\"")
     try:
-        saved = load_checkpoint(first)["rtda"].get("overrides", [])
+        saved = card_overrides(first) if is_onnx(first) else load_checkpoint(first)["rtda"].get("overrides", [])
     except (OSError, CheckpointError):  # reported properly once Hydra has composed the config
         return argv
     mine = {_key(a) for a in argv}
@@ -57,7 +61,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.split not in ("val", "test"):
         raise ConfigValueError(f"split={cfg.split!r}: expected val or test")
     output_dir = check_writable(cfg.paths.output_dir, "the evaluation's results")
-    paths, module = segmenter_module(cfg)
+    onnx = isinstance(cfg.get("ckpt_path"), str) and is_onnx(cfg.ckpt_path)
+    paths, module = onnx_segmenter_module(cfg) if onnx else segmenter_module(cfg)
     data_kwargs = {"test": cfg.data.val} if cfg.split == "val" else {}
     datamodule = hydra.utils.instantiate(cfg.data, **data_kwargs)
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, logger=False,
@@ -65,7 +70,9 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer.test(module, datamodule=datamodule, verbose=False)  # the summary lists the scores
 
     results = {
-        "experiment": f"eval split={cfg.split} " + rtda_config.describe(cfg),
+        "experiment": f"eval split={cfg.split} " + rtda_config.describe(cfg) + (
+            f" [{module.net.segmenter.card.get('format', 'onnx')} file, ONNX Runtime {module.net.segmenter.provider}]"
+            if onnx else ""),
         "checkpoints": [str(Path(p).resolve()) for p in paths],
         "checkpoint": ", ".join(str(Path(p).resolve()) for p in paths),
         "run_dir": str(output_dir.resolve()),
