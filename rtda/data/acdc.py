@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rtda.data.base import DatasetFormatError, SegmentationFiles, require_dir
-from rtda.data.cityscapes import _decode_label_ids, _decode_train_ids
+from rtda.data.cityscapes import train_or_label_id_files
 
 CONDITIONS = ("fog", "night", "rain", "snow")
 IMAGE_SUFFIX = "_rgb_anon.png"
@@ -67,14 +67,7 @@ class ACDC(SegmentationFiles):
                 require_dir(self.root / "gt" / condition / split, "ACDC", tree)
             train_ids = [self.root / "gt" / c / split / seq / f"{s}_gt_labelTrainIds.png" for c, seq, s in stems]
             label_ids = [self.root / "gt" / c / split / seq / f"{s}_gt_labelIds.png" for c, seq, s in stems]
-            if all(p.is_file() for p in train_ids):
-                labels, decode = train_ids, _decode_train_ids
-            else:
-                missing = [p for p in label_ids if not p.is_file()]
-                if missing:
-                    raise DatasetFormatError(f"ACDC: {len(missing)} of {len(images)} {split} images have no label, e.g. "
-                                             f"{missing[0]}\nExpected:\n{tree}")
-                labels, decode = label_ids, _decode_label_ids
+            labels, decode = train_or_label_id_files(train_ids, label_ids, "ACDC", split, tree)
         condition_of = dict(zip(images, image_conditions))
         super().__init__(images, labels, decode, transform, check)
         #: the condition (fog / night / rain / snow) of each sample, in order

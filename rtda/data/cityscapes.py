@@ -39,6 +39,18 @@ def _decode_train_ids(img: Image.Image) -> np.ndarray:
     return ids.astype(np.uint8, copy=False)
 
 
+def train_or_label_id_files(train_ids: list[Path], label_ids: list[Path], dataset: str, split: str, tree: str):
+    """The ``_labelTrainIds.png`` files and their decoder when every image has one, else the ``_labelIds.png`` files
+    through the Cityscapes table (ACDC, Dark Zurich: the two forms their ``gt`` folders ship); missing labels named."""
+    if all(p.is_file() for p in train_ids):
+        return train_ids, _decode_train_ids
+    missing = [p for p in label_ids if not p.is_file()]
+    if missing:
+        raise DatasetFormatError(f"{dataset}: {len(missing)} of {len(label_ids)} {split} images have no label, e.g. "
+                                 f"{missing[0]}\nExpected:\n{tree}")
+    return label_ids, _decode_label_ids
+
+
 class Cityscapes(SegmentationFiles):
     """Cityscapes ``split`` (train / val / test). ``labelled=False`` reads images only (adaptation target).
 

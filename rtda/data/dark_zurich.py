@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rtda.data.acdc import condition_list
 from rtda.data.base import DatasetFormatError, SegmentationFiles, require_dir
-from rtda.data.cityscapes import _decode_label_ids, _decode_train_ids
+from rtda.data.cityscapes import train_or_label_id_files
 
 SPLIT_CONDITIONS = {"train": ("day", "twilight", "night"), "val": ("night",), "test": ("night",)}
 IMAGE_SUFFIX = "_rgb_anon.png"
@@ -64,14 +64,7 @@ class DarkZurich(SegmentationFiles):
             stems = [(p.parent.parent.name, p.parent.name, p.name[: -len(IMAGE_SUFFIX)]) for p in images]
             train_ids = [gt / c / seq / f"{s}_gt_labelTrainIds.png" for c, seq, s in stems]
             label_ids = [gt / c / seq / f"{s}_gt_labelIds.png" for c, seq, s in stems]
-            if all(p.is_file() for p in train_ids):
-                labels, decode = train_ids, _decode_train_ids
-            else:
-                missing = [p for p in label_ids if not p.is_file()]
-                if missing:
-                    raise DatasetFormatError(f"Dark Zurich: {len(missing)} of {len(images)} {split} images have no "
-                                             f"label, e.g. {missing[0]}\nExpected:\n{EXPECTED_TREE}")
-                labels, decode = label_ids, _decode_label_ids
+            labels, decode = train_or_label_id_files(train_ids, label_ids, "Dark Zurich", split, EXPECTED_TREE)
         super().__init__(images, labels, decode, transform, check)
         #: the time of day (day / twilight / night) of each sample, in order
         self.sample_conditions = [p.parent.parent.name for p in self.image_paths]
