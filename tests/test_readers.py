@@ -3,6 +3,7 @@ written here in their real formats, against the official tables transcribed belo
 from the readers' own tables); the class-subset scores (mIoU16 / mIoU13) of a SYNTHIA run; the new configs."""
 
 import json
+import re
 
 import cv2
 import hydra
@@ -454,6 +455,22 @@ def test_mapillary_v2_ids_are_refused(tmp_path):
     ds = Mapillary(tmp_path, "val")
     with pytest.raises(DecodeError, match=r"holds class ids above 65: a v2.0 label"):
         ds.load(ds.label_paths.index(label))
+
+
+def test_missing_labels_are_one_error_of_the_shared_check(tmp_path):
+    """BDD100K and Mapillary count missing labels with one helper (rtda.data.base.require_files): same message."""
+    _mapillary_tree(tmp_path / "mapillary")
+    next((tmp_path / "mapillary" / "validation" / "v1.2" / "labels").glob("*.png")).unlink()
+    with pytest.raises(DatasetFormatError) as info:
+        Mapillary(tmp_path / "mapillary", "val")
+    line = one_line(info.value)
+    assert re.match(r"Mapillary: 1 of 2 validation images have no label, e\.g\. .*/validation/v1\.2/labels/-\daBcDeFgHiJkLmN"
+                    r"\.png; Expected:.*ROOT/validation/images/<key>\.jpg", line), line
+    _bdd_tree(tmp_path / "bdd")
+    for mask in (tmp_path / "bdd" / "labels" / "sem_seg" / "masks" / "val").glob("*.png"):
+        mask.unlink()
+    with pytest.raises(DatasetFormatError, match=r"BDD100K: 2 of 2 val images have no mask, e\.g\. .*masks/val/7d06fefd"):
+        BDD100K(tmp_path / "bdd", "val")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,6 +37,12 @@ from rtda.run.results import test_scores
 log = logging.getLogger("rtda")
 
 
+def _finite(value: float) -> float | None:
+    """A score for ``results.json``: NaN (a class or group without pixels) as None."""
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
 class SegmentationModule(TrainingModule):
     """Supervised segmentation on the source domain, scored on the target domain.
 
@@ -128,6 +134,10 @@ class SegmentationModule(TrainingModule):
     def configure_metrics(self) -> None:
         self.val_metrics = SegmentationMetrics(self.hparams.num_classes, self.hparams.ignore_index)
         self.test_metrics = SegmentationMetrics(self.hparams.num_classes, self.hparams.ignore_index)
+        #: the test set's sample groups (ACDC's conditions) when it has two or more, and one metric per group
+        self.test_groups: list[str] = []
+        self.test_group_by: str | None = None
+        self.test_group_metrics = nn.ModuleList()
 
     # -- shared pieces ------------------------------------------------------------------------
     def forward(self, image: torch.Tensor):
@@ -195,10 +205,38 @@ class SegmentationModule(TrainingModule):
             self.check_weights_finite("before validation")
 
     # -- evaluation on the target ---------------------------------------------------------------
+    def _test_dataset(self):
+        """The dataset the test stage reads (the data module's, else the test loader's), or None."""
+        datasets = getattr(getattr(self.trainer, "datamodule", None), "datasets", None)
+        if isinstance(datasets, dict) and datasets.get("test") is not None:
+            return datasets["test"]
+        loaders = self.trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        return getattr(loader, "dataset", None)
+
+    def on_test_start(self) -> None:
+        """One confusion matrix per group of the test set (:attr:`rtda.data.base.SegmentationFiles.sample_groups`:
+        ACDC's conditions) when it has two or more: each process knows them from the dataset, not from the
+        batches it happens to see, so every process holds the same metrics and they are summed across processes
+        as the overall one is."""
+        dataset = self._test_dataset()
+        groups = list(dict.fromkeys(getattr(dataset, "sample_groups", None) or []))
+        self.test_groups = groups if len(groups) > 1 else []
+        self.test_group_by = (getattr(dataset, "group_by", None) or "group") if self.test_groups else None
+        self.test_group_metrics = nn.ModuleList(
+            SegmentationMetrics(self.hparams.num_classes, self.hparams.ignore_index) for _ in self.test_groups
+        ).to(self.device)
+
     def _eval_step(self, batch: dict, batch_idx: int, metrics: SegmentationMetrics, stage: str) -> None:
         label = batch["label"]
         logits = self.predict_logits(batch["image"], label.shape[-2:])
         metrics.update(logits.argmax(dim=1), label)
+        if stage == "test" and getattr(self, "test_groups", None) and "group" in batch:
+            preds = logits.argmax(dim=1)
+            for metric, group in zip(self.test_group_metrics, self.test_groups):
+                chosen = torch.tensor([g == group for g in batch["group"]], device=preds.device)
+                if bool(chosen.any()):
+                    metric.update(preds[chosen], label[chosen])
         if stage == "val" and batch_idx == 0 and self.hparams.num_log_images > 0:
             self.log_predictions(batch, logits.argmax(dim=1), stage)
 
@@ -208,7 +246,8 @@ class SegmentationModule(TrainingModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, self.test_metrics, "test")
 
-    def _log_epoch_metrics(self, metrics: SegmentationMetrics, stage: str) -> dict:
+    def _computed(self, metrics: SegmentationMetrics) -> dict:
+        """The metric's scores (summed across processes), with ``data.eval_classes``' subsets; the metric reset."""
         result = metrics.compute()
         metrics.reset()
         # data.eval_classes (SYNTHIA: synthia16 | synthia13): mIoU over that subset, mIoU16 and mIoU13 beside it
@@ -216,6 +255,10 @@ class SegmentationModule(TrainingModule):
         if eval_classes != "all":
             result.update(subset_scores(result["IoU"], self.class_names, EVAL_CLASSES[eval_classes],
                                         REPORTED_SUBSETS[eval_classes]))
+        return result
+
+    def _log_epoch_metrics(self, metrics: SegmentationMetrics, stage: str) -> dict:
+        result = self._computed(metrics)
         values = {f"{stage}/acc": result["acc"], f"{stage}/mAcc": result["mAcc"],
                   **{f"{stage}/{k}": v for k, v in result.items() if k.startswith("mIoU") and k != "mIoU"}}
         for name, iou in zip(self.class_names, result["IoU"].tolist()):
@@ -239,10 +282,29 @@ class SegmentationModule(TrainingModule):
             "IoU": {n: (None if math.isnan(v) else v) for n, v in zip(self.class_names, result["IoU"].tolist())},
             "confmat": result["confmat"].cpu().tolist(),
         }
+        if getattr(self, "test_groups", None):  # per group (ACDC: per condition): test/<group>/mIoU logged, the rest in results.json
+            groups = {}
+            for group, metric in zip(self.test_groups, self.test_group_metrics):
+                scores = self._computed(metric)
+                self.log(f"test/{group}/mIoU", scores["mIoU"])
+                groups[group] = {
+                    **{k: _finite(v) for k, v in scores.items() if k.startswith("mIoU")},
+                    "acc": _finite(scores["acc"]),
+                    "mAcc": _finite(scores["mAcc"]),
+                    "pixels": int(scores["confmat"].sum()),
+                    "IoU": {n: _finite(v) for n, v in zip(self.class_names, scores["IoU"].tolist())},
+                }
+            self.test_results["group_by"] = self.test_group_by
+            self.test_results["groups"] = groups
 
     def run_results(self, trainer) -> dict:
-        """The target test scores of the run (none when it was not tested), for ``results.json``."""
+        """The target test scores of the run (none when it was not tested), for ``results.json``; a test set of
+        several groups (ACDC's conditions) adds ``test.groups`` (``{"fog": {"mIoU", "IoU", …}, …}``) and
+        ``test.group_by`` (``"condition"``)."""
         scores = test_scores(trainer.callback_metrics, self.class_names)
+        if scores and self.test_results and self.test_results.get("groups"):
+            scores["group_by"] = self.test_results["group_by"]
+            scores["groups"] = self.test_results["groups"]
         out = {"test": scores}
         if scores:
             out["test/mIoU"] = scores["mIoU"]

@@ -167,6 +167,7 @@ def load_run(path: str | Path, ignore: Sequence[str] = ()) -> dict:
         "setting": setting,
         "mIoU": test.get("mIoU"),
         "subsets": subset_mious(test),  # mIoU16 / mIoU13 of a SYNTHIA run (data.eval_classes)
+        "groups": {g: (v or {}).get("mIoU") for g, v in (test.get("groups") or {}).items()},  # ACDC: per condition
         "IoU": dict(test.get("IoU") or {}),
         "best_val_mIoU": results.get("best_val_mIoU"),
         "error": results.get("error"),
@@ -211,6 +212,7 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
     varying = [k for k in all_keys if len({s.get(k) for s in settings}) > 1]
     classes = list(dict.fromkeys(name for r in done for name in r["IoU"]))
     subsets = list(dict.fromkeys(name for r in done for name in r.get("subsets") or {}))
+    per_group = list(dict.fromkeys(name for r in done for name in r.get("groups") or {}))  # ACDC's conditions
     rows = []
     for key, members in groups.items():
         setting = dict(key)
@@ -230,6 +232,9 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
         for name in subsets:  # mIoU16, mIoU13: their own columns, beside mIoU
             m, s = _mean_std([(r.get("subsets") or {}).get(name) for r in members])
             row[name], row[f"{name}_std"] = _pct(m), _pct(s)
+        for name in per_group:  # per-group (ACDC: per-condition) mIoU: columns mIoU/fog, ...
+            m, s = _mean_std([(r.get("groups") or {}).get(name) for r in members])
+            row[f"mIoU/{name}"], row[f"mIoU_std/{name}"] = _pct(m), _pct(s)
         for name in classes:
             m, s = _mean_std([r["IoU"].get(name) for r in members])
             row[f"IoU/{name}"] = _pct(m)
@@ -266,6 +271,11 @@ def subset_names(rows: Sequence[dict]) -> list[str]:
     return [k for k in (rows[0] if rows else {}) if k[:4] == "mIoU" and k[4:].isdigit()]
 
 
+def group_names(rows: Sequence[dict]) -> list[str]:
+    """The per-group columns of the rows (an ACDC test set's conditions: ``fog``, ``night``, ...)."""
+    return [k.split("/", 1)[1] for k in (rows[0] if rows else {}) if k.startswith("mIoU/")]
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -278,9 +288,11 @@ def table(rows: Sequence[dict], per_class: bool = True) -> tuple[list[str], list
     """(header, cells) of the comparison table, numbers in % with two decimals."""
     names = class_names(rows) if per_class else []
     subsets = subset_names(rows)
-    header = ["group", "runs", "seeds", "mIoU (%)", *(f"{n} (%)" for n in subsets), *names]
+    groups = group_names(rows)
+    header = ["group", "runs", "seeds", "mIoU (%)", *(f"{n} (%)" for n in subsets), *(f"{g} (%)" for g in groups), *names]
     cells = [[row["group"], str(row["runs"]), ",".join(str(s) for s in row["seeds"]), _miou_cell(row),
-              *(_fmt(row[n]) for n in subsets), *(_fmt(row[f"IoU/{n}"], 1) for n in names)] for row in rows]
+              *(_fmt(row[n]) for n in subsets), *(_fmt(row.get(f"mIoU/{g}")) for g in groups),
+              *(_fmt(row[f"IoU/{n}"], 1) for n in names)] for row in rows]
     return header, cells
 
 
@@ -321,6 +333,7 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> None:
     """One line per group: group, runs, seeds, mIoU, mIoU_std, best_val_mIoU, IoU/<class>, IoU_std/<class>, setting."""
     names = class_names(rows)
     fields = ["group", "runs", "seeds", "mIoU", "mIoU_std", *(f for n in subset_names(rows) for f in (n, f"{n}_std")),
+              *(f for g in group_names(rows) for f in (f"mIoU/{g}", f"mIoU_std/{g}")),
               "best_val_mIoU",
               *(f"IoU/{n}" for n in names), *(f"IoU_std/{n}" for n in names), "setting", "run_dirs"]
     buffer = io.StringIO()

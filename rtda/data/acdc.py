@@ -9,7 +9,8 @@ daytime reference frames, ``…_rgb_ref_anon.png``) are not read. Labels are the
 ``_gt_labelTrainIds.png`` read directly when every image has one, else ``_gt_labelIds.png`` through the
 Cityscapes table (:func:`rtda.data.labels.label_ids_to_train_ids`). DAFormer (``mmseg/datasets/acdc.py``) reads
 the same files after flattening the conditions into one folder; here the official tree is read as it is, and
-each sample's condition is kept (:attr:`ACDC.sample_conditions`) for per-condition scores.
+each sample's condition is kept (:attr:`ACDC.sample_conditions`, and as the sample's ``"group"``): a test set of
+several conditions is scored per condition as well (``results.json``: ``test.groups.fog.mIoU``, …).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ACDC(SegmentationFiles):
     the images only (the adaptation target; the test split has no public labels)."""
 
     name_suffix = "_rgb_anon"
+    group_by = "condition"
 
     def __init__(self, root: str | Path, split: str = "train", conditions: Sequence[str] = CONDITIONS, transform=None,
                  labelled: bool = True, check: bool = True):
@@ -72,3 +74,4 @@ class ACDC(SegmentationFiles):
         super().__init__(images, labels, decode, transform, check)
         #: the condition (fog / night / rain / snow) of each sample, in order
         self.sample_conditions = [condition_of[p] for p in self.image_paths]
+        self.sample_groups = self.sample_conditions  # each sample's "group": per-condition test scores

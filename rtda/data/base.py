@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 from rtda.run.errors import DatasetFormatError, DecodeError
 
-__all__ = ["DatasetFormatError", "DecodeError", "SegmentationFiles", "image_size", "read_label", "read_rgb", "require_dir"]
+__all__ = ["DatasetFormatError", "DecodeError", "SegmentationFiles", "image_size", "read_label", "read_rgb", "require_dir",
+           "require_files"]
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -42,6 +43,17 @@ def require_dir(path: Path, dataset: str, expected_tree: str) -> Path:
     return path
 
 
+def require_files(paths: Sequence[Path], dataset: str, split: str, what: str, expected_tree: str) -> list[Path]:
+    """``paths`` (one per image: its label, mask, polygons) when every one is a file; else one error counting the
+    missing ones and naming the first: ``BDD100K: 2 of 10 val images have no mask, e.g. …``."""
+    paths = list(paths)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DatasetFormatError(f"{dataset}: {len(missing)} of {len(paths)} {split} images have no {what}, e.g. "
+                                 f"{missing[0]}\nExpected:\n{expected_tree}")
+    return paths
+
+
 def image_size(path: Path) -> tuple[int, int] | None:
     """(H, W) from the file header, or None when the file is not a readable image (cheap: no decoding)."""
     try:
@@ -66,11 +78,21 @@ class SegmentationFiles(Dataset):
     when nothing failed), so the training module counts failures per file across DataLoader workers and
     processes, warns once per file and lists them in the run's results. Evaluation sets never skip, so
     scores are always over the whole split: a file that fails there stops the run naming it.
+
+    Optional groups: a reader whose samples fall into named groups (ACDC: the condition of each image) sets
+    :attr:`sample_groups` (one name per sample, in order, after ``__init__`` dropped unreadable files) and
+    :attr:`group_by` (what a group is: ``"condition"``); each sample then also carries ``"group"`` (its name), and
+    a test set of two or more groups is scored per group as well as over the whole split
+    (:class:`rtda.adaptation.segmentation.SegmentationModule`; ``results.json``'s ``test.groups``).
     """
 
     dataset_name = "dataset"
     allow_resize = False
     name_suffix = ""  # removed from file stems to name samples (Cityscapes: "_leftImg8bit")
+    #: what the optional groups of the samples are (``"condition"``); None: no groups
+    group_by: str | None = None
+    #: the group of each sample, in order (None: no groups)
+    sample_groups: list[str] | None = None
 
     def __init__(
         self,
@@ -137,6 +159,8 @@ class SegmentationFiles(Dataset):
         if self.label_paths is not None:
             label = read_label(self.label_paths[index], self.decode_label)
             sample["label"] = self.fit_label(label, sample["image"].shape[:2], self.label_paths[index])
+        if self.sample_groups is not None:
+            sample["group"] = self.sample_groups[index]
         return sample
 
     def fit_label(self, label: np.ndarray, size: tuple[int, int], path: Path) -> np.ndarray:
@@ -159,6 +183,8 @@ class SegmentationFiles(Dataset):
         if self.transform is not None:
             out = self.transform(image=sample["image"], label=sample.get("label"))
             out["name"] = sample["name"]
+            if "group" in sample:
+                out["group"] = sample["group"]
             sample = out
         if self.skip_unreadable:
             sample["skipped"] = os.pathsep.join(failed)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rtda.data.base import DatasetFormatError, SegmentationFiles, require_dir
+from rtda.data.base import DatasetFormatError, SegmentationFiles, require_dir, require_files
 from rtda.data.labels import IGNORE_INDEX, NUM_CLASSES
 
 EXPECTED_TREE = (
@@ -58,9 +58,5 @@ class BDD100K(SegmentationFiles):
         labels = None
         if labelled:
             require_dir(label_dir, "BDD100K", tree)
-            labels = [label_dir / f"{p.stem}{label_suffix}" for p in images]
-            missing = [p for p in labels if not p.is_file()]
-            if missing:
-                raise DatasetFormatError(f"BDD100K: {len(missing)} of {len(images)} {split} images have no mask, e.g. "
-                                         f"{missing[0]}\nExpected:\n{tree}")
+            labels = require_files([label_dir / f"{p.stem}{label_suffix}" for p in images], "BDD100K", split, "mask", tree)
         super().__init__(images, labels, decode_train_id_mask, transform, check)

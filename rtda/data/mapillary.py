@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rtda.data.base import DatasetFormatError, SegmentationFiles, require_dir
+from rtda.data.base import DatasetFormatError, SegmentationFiles, require_dir, require_files
 from rtda.data.labels import CLASS_NAMES, IGNORE_INDEX
 
 #: the ``readable`` names of Vistas v1.2's 66 classes, in label order (``config_v1.2.json``)
@@ -99,9 +99,5 @@ class Mapillary(SegmentationFiles):
             if not label_dir.is_dir() and (self.root / self.split / "labels").is_dir():  # v1.0 / v1.1 layout
                 label_dir = self.root / self.split / "labels"
             require_dir(label_dir, "Mapillary", tree)
-            labels = [label_dir / f"{p.stem}.png" for p in images]
-            missing = [p for p in labels if not p.is_file()]
-            if missing:
-                raise DatasetFormatError(f"Mapillary: {len(missing)} of {len(images)} {self.split} images have no label, "
-                                         f"e.g. {missing[0]}\nExpected:\n{tree}")
+            labels = require_files([label_dir / f"{p.stem}.png" for p in images], "Mapillary", self.split, "label", tree)
         super().__init__(images, labels, decode_mapillary_label, transform, check)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,30 @@ register_resolvers()  # the ${rtda.…} resolvers of conf/, whichever entry poin
 _PACKAGE = Path(__file__).resolve().parent.parent  # rtda/
 _PACKAGED = _PACKAGE / "conf"
 CONFIG_DIR = _PACKAGED if (_PACKAGED / "train.yaml").is_file() else _PACKAGE.parent / "conf"
+
+def group_option_files(group: str) -> dict[str, Path]:
+    """The options of config group ``group`` (``"data/test"``) as name -> YAML file, from this run's config search
+    path (rtda's tree, the user's ``--config-dir`` / ``hydra.searchpath`` folders; the first one holding a name
+    wins, as in Hydra), or rtda's own tree outside a Hydra run."""
+    folders: list[Path] = []
+    try:
+        sources = list(HydraConfig.get().runtime.config_sources)
+    except ValueError:
+        sources = []
+    for source in sources:
+        if source.schema == "file":
+            folders.append(Path(source.path))
+        elif source.schema == "pkg":
+            try:
+                folders.append(Path(str(importlib.resources.files(source.path.replace("/", ".")))))
+            except (ImportError, TypeError, ValueError):
+                continue
+    found: dict[str, Path] = {}
+    for folder in [*folders, CONFIG_DIR]:
+        for file in sorted((folder / group).glob("*.yaml")) if (folder / group).is_dir() else ():
+            found.setdefault(file.stem, file)
+    return dict(sorted(found.items()))
+
 
 def instantiate_dict(cfg: DictConfig | None) -> dict:
     """Instantiate every ``_target_`` node of a mapping (callbacks, loggers); null entries are skipped."""

@@ -100,6 +100,46 @@ def subset_mious(test: dict) -> dict:
     return {k: test[k] for k in sorted(keys, key=lambda k: -int(k[4:]))}
 
 
+def _pct(value, width: int = 0) -> str:
+    return f"{'n/a' if value is None else f'{100 * value:.2f}':>{width}}"
+
+
+def group_line(test: dict) -> str | None:
+    """``per-condition mIoU: fog 41.20   night 12.30`` for a test set scored per group (ACDC), else None."""
+    groups = test.get("groups")
+    if not groups:
+        return None
+    return f"per-{test.get('group_by') or 'group'} mIoU: " + "   ".join(f"{g} {_pct(s.get('mIoU'))}" for g, s in groups.items())
+
+
+def targets_table(rows: list[dict]) -> list[str]:
+    """The lines of a multi-target evaluation (``rtda-eval 'data.test=[a,b]'``): one row per target (mIoU, the
+    class subsets, pixel accuracy, images; a target scored per group adds a row per group), their mean, then the
+    per-class IoU with one column per target."""
+    subsets = list(dict.fromkeys(k for r in rows for k in subset_mious(r)))
+    names = [str(r["target"]) for r in rows]
+    width = max(12, *(len(n) for n in names), *(len(str(r["target"])) + len(g) + 3 for r in rows for g in r.get("groups") or {}))
+    head = f"  {'target':<{width}} {'images':>6} {'mIoU':>7}" + "".join(f" {k:>7}" for k in subsets) + f" {'acc':>7}"
+    lines = ["target test scores (%), one row per target:", head, "  " + "-" * (len(head) - 2)]
+    for r in rows:
+        lines.append(f"  {r['target']:<{width}} {r.get('images', ''):>6} {_pct(r['mIoU'], 7)}"
+                     + "".join(f" {_pct(r.get(k), 7)}" for k in subsets) + f" {_pct(r.get('acc'), 7)}")
+        for group, scores in (r.get("groups") or {}).items():
+            lines.append(f"  {'  ' + str(r['target']) + '/' + group:<{width}} {'':>6} {_pct(scores.get('mIoU'), 7)}"
+                         + "".join(f" {_pct(scores.get(k), 7)}" for k in subsets) + f" {_pct(scores.get('acc'), 7)}")
+    mious = [r["mIoU"] for r in rows if r.get("mIoU") is not None]
+    if len(rows) > 1 and mious:
+        lines.append(f"  {'mean':<{width}} {'':>6} {_pct(sum(mious) / len(mious), 7)}")
+    classes = list(dict.fromkeys(c for r in rows for c in r.get("IoU") or {}))
+    if classes:
+        col = max(8, *(len(n) for n in names))
+        lines.append("per-class IoU (%):")
+        lines.append(f"  {'class':<14}" + "".join(f" {n:>{col}}" for n in names))
+        for c in classes:
+            lines.append(f"  {c:<14}" + "".join(f" {_pct((r.get('IoU') or {}).get(c), col)}" for r in rows))
+    return lines
+
+
 def format_summary(results: dict) -> str:
     lines = ["", "=" * 60, f"rtda: {results['experiment']}"]
     test = results.get("test")
@@ -108,9 +148,13 @@ def format_summary(results: dict) -> str:
         subsets = subset_mious(test)
         if subsets:
             lines.append("   ".join(f"{k}: {'n/a' if v is None else f'{100 * v:.2f}'}" for k, v in subsets.items()))
+        if group_line(test):
+            lines.append(group_line(test))
         lines.append("per-class IoU:")
         for name, iou in test["IoU"].items():
             lines.append(f"  {name:<14} {'   n/a' if iou is None else f'{100 * iou:6.2f}'}")
+    if results.get("targets"):
+        lines += targets_table(results["targets"])
     lines += results.get("summary") or []  # the method's own lines (its run_results): what a run without a score left
     if results.get("best_val_mIoU") is not None:
         lines.append(f"best val mIoU: {100 * results['best_val_mIoU']:.2f}")
