@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from helpers import ENV, rtda_train, tiny_overrides
 from omegaconf import OmegaConf
+
+from rtda.run.callbacks import ModelCheckpoint
 
 TINY = ["trainer.log_every_n_steps=1", "data.batch_size=2", "data.num_workers=0", "data.source_size=[36,64]",
         "data.target_size=[32,64]"]
@@ -199,3 +202,39 @@ def test_loader_workers_leave_the_jobs_signals_to_the_training_process():
     assert [b.flatten().tolist() for b in loader] == [[0, 1], [2, 3]]
     with pytest.raises(RuntimeError, match="(?i)worker"):  # the control: without it the worker is killed
         list(DataLoader(_SignalsItself(), batch_size=2, num_workers=1))
+
+
+class _Worsening(pl.LightningModule):
+    """One weight; a validation score that falls at every validation (never a new best after the first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.validations = 0
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - 1).pow(2).sum() + 0 * batch.sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/mIoU", 1.0 / (1 + self.validations))
+
+    def on_validation_epoch_end(self):
+        self.validations += 1
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_last_ckpt_is_written_at_every_validation_even_without_a_new_best(tmp_path):
+    """rtda's validation checkpoint writes last.ckpt whether or not the score improved (Lightning 2.6.6's own
+    writes it only beside a new top-k file: last.ckpt stayed at iteration 2 here), so a run killed after the
+    validation of iteration 6 resumes from 6, and a finished run's last.ckpt is its final weights."""
+    data = torch.utils.data.DataLoader(torch.randn(8, 1), batch_size=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/mIoU", mode="max", save_last=True,
+                           save_top_k=1, enable_version_counter=False)
+    trainer = pl.Trainer(max_steps=6, val_check_interval=2, limit_val_batches=1, callbacks=[ckpt], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         accelerator="cpu")
+    trainer.fit(_Worsening(), data, data)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 6  # 4 and 6 did not improve on 2
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["global_step"] == 2

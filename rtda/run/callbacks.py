@@ -1,5 +1,8 @@
 """Lightning callbacks of rtda's runs (``conf/callbacks/``).
 
+:class:`ModelCheckpoint` (the validation's checkpoint: the best weights by ``val/mIoU``) writes ``last.ckpt`` at
+every validation, improved or not.
+
 :class:`LastCheckpoint` keeps ``checkpoints/last.ckpt`` at most N iterations old between validations, and
 :class:`GracefulStop` makes it current when the job is told to stop (SIGTERM, SLURM's requeue signal), so a
 preempted job loses nothing. Both save only at an iteration boundary, never at one that a validation follows
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pytorch_lightning import callbacks as pl_callbacks
 from pytorch_lightning.callbacks import Callback
 
 from rtda.run.errors import ConfigValueError, RunInterrupted
@@ -66,6 +70,31 @@ def save_last(trainer, folder: Path) -> Path:
         else:
             logger.save()
     return path
+
+
+class ModelCheckpoint(pl_callbacks.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (top-k by the monitored score) whose ``save_last`` writes ``last.ckpt`` at every
+    validation. Lightning's (2.6.6) ``save_last=True`` writes it only when a top-k file was saved at that step: a
+    validation that did not improve left ``last.ckpt`` up to ``val_check_interval`` iterations old — a killed run
+    resumed from there, and at the end of training ``last.ckpt`` was not the final weights. Lightning's own
+    ``_save_last_checkpoint`` does the writing (private helpers of ``ModelCheckpoint``, read in 2.6.6;
+    ``tests/test_run_safety.py`` fails if they stop writing it)."""
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        due = not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer)
+        super().on_validation_end(trainer, pl_module)
+        if due:
+            self._last_too(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        due = not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+        if due:
+            self._last_too(trainer)
+
+    def _last_too(self, trainer) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:  # no top-k file (and no last) now
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class LastCheckpoint(Callback):
