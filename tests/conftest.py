@@ -1,9 +1,15 @@
+import concurrent.futures
 import json
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # `pytest -n N`: the cores shared out among the workers (and the commands they start), not N x all of them
+    # (OpenMP's threads spin-wait: oversubscribed, each worker ran about twice as slow as alone)
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 from pathlib import Path  # noqa: E402
 
@@ -46,6 +52,19 @@ def slurm_scenarios(request, tmp_path_factory):
     if not wanted or not slurm.slurm_up():
         yield {}
         return
-    pool, futures = slurm.start(request.getfixturevalue("tiny_demo_dir"), tmp_path_factory)
-    yield futures
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:  # one process: the futures themselves
+        pool, futures = slurm.start(request.getfixturevalue("tiny_demo_dir"), tmp_path_factory)
+        yield futures
+        slurm.stop(pool)
+        return
+    # pytest-xdist (`pytest -n 2`): worker gw0 runs the scenarios; whichever worker runs a SLURM test reads its
+    # outcome from the folder the workers share
+    shared = tmp_path_factory.getbasetemp().parent
+    if worker != "gw0":
+        yield slurm.outcomes(shared)
+        return
+    pool, futures = slurm.start(request.getfixturevalue("tiny_demo_dir"), tmp_path_factory, shared)
+    yield slurm.outcomes(shared)
+    concurrent.futures.wait(list(futures.values()), timeout=1200)  # another worker's test may still be waiting on them
     slurm.stop(pool)

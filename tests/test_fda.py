@@ -219,9 +219,12 @@ def test_fda_pipeline_through_the_console_scripts(tiny_demo_dir, tmp_path):
     assert ev.returncode == 0, ev.stderr[-3000:]
     manifest = json.loads((out / "pseudo_labels.json").read_text())
     assert manifest["image_root"].endswith("cityscapes") and manifest["num_images"] == 8 and len(manifest["thresholds"]) == 19 and manifest["size"] == [64, 128]
-    assert 0 < manifest["quality"]["coverage"] < 1 and 0 <= manifest["quality"]["accuracy"] <= 1  # the demo has train labels
     written = sorted(out.glob("gtFine/train/*/*_gtFine_labelTrainIds.png"))
     assert len(written) == 8
+    kept = np.concatenate([np.asarray(Image.open(f)).ravel() for f in written]) != 255
+    # the kept share is that of the files it wrote (a 3-iteration net may keep every pixel: shares up to 1)
+    assert manifest["kept_share"] == pytest.approx(kept.mean(), abs=1e-6) and kept.any()
+    assert 0 < manifest["quality"]["coverage"] <= 1 and 0 <= manifest["quality"]["accuracy"] <= 1  # the demo has train labels
     again = rtda_eval(cmd, tmp_path, env=_env())
     assert again.returncode == 0 and "already written" in again.stdout
     other = rtda_eval([f"ckpt_path={ckpt}", f"pseudo_labels.out={out}"], tmp_path, env=_env())

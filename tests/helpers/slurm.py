@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -69,8 +70,8 @@ def wait(predicate, timeout: float, what: str, release: tuple[str, ...] = ()) ->
 def job_ids(sweep: Path) -> dict[int, str]:
     """Sweep job number -> SLURM job id (``<array>_<n>``, or ``<id>`` for a sweep of one job), from submitit's folders."""
     ids = {}
-    for pickle in (sweep / ".submitit").glob("*/*_submitted.pkl"):
-        slurm_id = pickle.parent.name
+    for submitted in (sweep / ".submitit").glob("*/*_submitted.pkl"):
+        slurm_id = submitted.parent.name
         ids[int(slurm_id.partition("_")[2] or 0)] = slurm_id
     JOB_IDS.update(ids.values())
     return ids
@@ -182,19 +183,57 @@ def time_limited_job(data_dir: Path, tmp: Path) -> dict:
     interrupted = results(job)
     subprocess.run(["scontrol", "update", f"JobId={slurm_id}", "TimeLimit=10"], check=True, capture_output=True, env=ENV)
     wait(lambda: proc.poll() is not None, 480, "the requeued job to complete", release=(slurm_id,))
-    return {"proc": proc, "out": proc.stdout.read(), "multiruns": multiruns, "sweep": sweep, "job": job,
-            "interrupted": interrupted}
+    return {"returncode": proc.returncode, "out": proc.stdout.read(), "multiruns": multiruns, "sweep": sweep,
+            "job": job, "interrupted": interrupted}
 
 
 SCENARIOS = {"sweep": preempted_and_killed_sweep, "sbatch": plain_sbatch_recipe, "time_limit": time_limited_job}
 
 
-def start(data_dir: Path, tmp_path_factory) -> tuple[ThreadPoolExecutor, dict[str, Future]]:
-    """Every scenario started now, each in a thread of its own and a folder of its own."""
+def start(data_dir: Path, tmp_path_factory, shared: Path | None = None) -> tuple[ThreadPoolExecutor, dict[str, Future]]:
+    """Every scenario started now, each in a thread of its own and a folder of its own. With ``shared`` (a folder
+    every pytest-xdist worker sees), each outcome — what the scenario returned, or what it raised — is also pickled
+    there when it ends, for the worker that runs its test (:class:`Outcome`)."""
     pool = ThreadPoolExecutor(max_workers=len(SCENARIOS), thread_name_prefix="slurm")
     futures = {name: pool.submit(run, data_dir, tmp_path_factory.mktemp(f"slurm_{name}"))
                for name, run in SCENARIOS.items()}
+    if shared is not None:
+        for name, future in futures.items():
+            future.add_done_callback(lambda f, name=name: _publish(f, shared / f"slurm_{name}.pickle"))
     return pool, futures
+
+
+def _publish(future: Future, path: Path) -> None:
+    if future.cancelled():
+        return
+    error = future.exception()
+    outcome = ("raised", error) if error is not None else ("returned", future.result())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps(outcome))
+    tmp.replace(path)  # whole or absent for the reader
+
+
+class Outcome:
+    """A scenario another pytest-xdist worker runs, read from the file it pickles at its end: ``result`` as a
+    :class:`Future`'s (the scenario's value, or its exception raised here)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def result(self, timeout: float):
+        end = time.time() + timeout
+        while not self.path.is_file():
+            if time.time() > end:
+                raise TimeoutError(f"no outcome of the SLURM scenario in {self.path} after {timeout:.0f} s")
+            time.sleep(2)
+        kind, value = pickle.loads(self.path.read_bytes())
+        if kind == "raised":
+            raise value
+        return value
+
+
+def outcomes(shared: Path) -> dict[str, Outcome]:
+    return {name: Outcome(shared / f"slurm_{name}.pickle") for name in SCENARIOS}
 
 
 def stop(pool: ThreadPoolExecutor) -> None:
