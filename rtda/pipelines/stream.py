@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from rtda.adaptation.online import CollapseGuard, OnlineAdapter, Timer, iterate_batches
 from rtda.adaptation.segmenter import segmenter_module
@@ -146,6 +148,9 @@ def stream(cfg: DictConfig) -> dict:
     rows, confmats, labelled_rows = [], [], []
     model_seconds, start = 0.0, time.perf_counter()
     n_frames = 0
+    total = len(reader) if hasattr(reader, "__len__") else None
+    bar = tqdm(total=total, desc=f"stream, adapt={adapter.name}", unit="frame", file=sys.stderr,
+               disable=not cfg.report.get("progress", True), dynamic_ncols=True)
     try:
         for batch in iterate_batches(reader, batch_size):
             x = module.normalize(_tensor_batch(batch, size, device))
@@ -183,8 +188,13 @@ def stream(cfg: DictConfig) -> dict:
                     video.write(overlay(sample["image"], pred.cpu().numpy()))
                 rows.append(row)
             n_frames += len(batch)
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{batch[0].get('condition', '')} {n_frames / max(model_seconds, 1e-9):.1f} fps, "
+                                f"resets {guard.resets}", refresh=False)
+        bar.close()
         rescored = _rescore_first_segment(cfg, reader, rows, adapter, module, size, batch_size, device, num_classes)
     finally:
+        bar.close()
         if video is not None:
             video.close()
     wall = time.perf_counter() - start
