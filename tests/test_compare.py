@@ -180,3 +180,58 @@ def test_two_job_sweep_through_the_cli_then_compare(tiny_demo_dir, tmp_path):
     assert row["runs"] == "2" and row["seeds"] == "1 2" and "trainer.max_steps=2" in row["setting"]
     assert 0.0 <= float(row["mIoU"]) <= 100.0 and float(row["mIoU_std"]) >= 0.0
     assert (sweep / "comparison_per_class.png").is_file()
+
+
+def fake_stream_run(folder: Path, train_overrides: list[str], train_seed: int, adapt: str, miou: float,
+                    per_condition: dict, fps: float, resets: int = 0, stream_overrides=()) -> Path:
+    """An rtda-stream results.json as the command writes it: the stream's choices and overrides, and what trained
+    its checkpoint (``sources``)."""
+    folder.mkdir(parents=True)
+    results = {
+        "kind": "stream", "status": "completed", "adapt": adapt,
+        "choices": {"stream": "demo", "adapt": adapt},
+        "overrides": [f"ckpt_path=/runs/{train_seed}/checkpoints/last.ckpt", f"adapt={adapt}", "report.window=50",
+                      *stream_overrides],
+        "sources": [{"checkpoint": f"/runs/{train_seed}/checkpoints/last.ckpt", "seed": train_seed,
+                     "choices": {"data": "demo", "model": "bisenet_r18", "adaptation": "dacs", "logger": "csv"},
+                     "overrides": [*train_overrides, f"seed={train_seed}"]}],
+        "mIoU": miou, "per_condition": per_condition, "harmonic_mean": min(per_condition.values()),
+        "fps": fps, "resets": resets, "IoU": dict(zip(CLASSES, [miou, None, miou / 2])),
+        "forgetting": {"forgetting": 0.01 * train_seed},
+    }
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_stream_runs_group_by_the_checkpoints_setting_and_the_stream_with_per_condition_columns(tmp_path, capsys):
+    root = tmp_path / "stream_sweep"
+    train = ["experiment=demo_dacs"]
+    for i, (seed, adapt) in enumerate([(1, "none"), (2, "none"), (1, "bn"), (2, "bn")]):
+        gain = 0.2 if adapt == "bn" else 0.0
+        fake_stream_run(root / f"{i}_adapt={adapt}", train, seed, adapt, 0.30 + gain + 0.02 * seed,
+                        {"clear": 0.4, "night": 0.05 + gain + 0.02 * seed}, fps=10.0 + seed, resets=seed - 1)
+    # another stream setting (an override of the online method): its own row
+    fake_stream_run(root / "4_adapt=bn_lr", train, 1, "bn", 0.6, {"clear": 0.5, "night": 0.5}, 9.0,
+                    stream_overrides=["adapt.method.momentum=0.5"])
+    runs = load_runs([root])
+    assert all(r["status"] == "completed" for r in runs) and [r["seed"] for r in runs] == [1, 2, 1, 2, 1]
+    assert runs[0]["setting"] == {"data": "demo", "model": "bisenet_r18", "adaptation": "dacs",
+                                  "experiment": "demo_dacs", "stream": "demo", "adapt": "none"}
+    rows = summarize(runs)
+    assert [r["runs"] for r in rows] == [2, 2, 1]
+    none, bn, lr = rows
+    assert "adapt=none" in none["group"] and "adapt.method.momentum=0.5" in lr["group"]
+    assert none["mIoU"] == pytest.approx(33.0) and bn["mIoU"] == pytest.approx(53.0)
+    assert bn["mIoU/night"] == pytest.approx(28.0) and bn["mIoU_std/night"] == pytest.approx(100 * math.sqrt(2e-4))
+    assert bn["mIoU/clear"] == pytest.approx(40.0)
+    assert bn["fps"] == pytest.approx(11.5) and bn["resets"] == pytest.approx(0.5)
+    assert bn["harmonic_mean"] == pytest.approx(28.0) and bn["forgetting"] == pytest.approx(1.5)
+    assert bn["IoU/car"] == pytest.approx(26.5) and bn["IoU/sidewalk"] is None
+
+    result = compare([root], out=tmp_path / "report")
+    text = capsys.readouterr().out
+    assert "night (%)" in text and "H-mean (%)" in text and "not averaged" not in text
+    with open(result["files"]["csv"]) as f:
+        lines = list(csv.DictReader(f))
+    assert float(lines[1]["mIoU/night"]) == pytest.approx(28.0) and float(lines[1]["fps"]) == pytest.approx(11.5)
+    assert "| adapt=bn" in (tmp_path / "report" / "comparison.md").read_text().replace("`", "")

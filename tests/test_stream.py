@@ -18,6 +18,7 @@ from rtda.adaptation.budgeted import Budgeted, ShiftDetector
 from rtda.adaptation.cotta import CoTTA, stochastic_restore
 from rtda.adaptation.online import BatchNormAdapter, CollapseGuard, OnlineAdapter, softmax_entropy
 from rtda.adaptation.tent import Tent
+from rtda.analysis.compare import load_run
 from rtda.data.stream import FrameFolder, VideoFrames, demo_stream, ensure_stream, frame_schedule
 from rtda.run.config import CONFIG_DIR
 
@@ -221,3 +222,11 @@ def test_rtda_stream_end_to_end(trained_run, tmp_path, adapt):
     assert len(rows) == 10 and rows[2]["condition"] == "fog"
     assert (folder / "miou_over_time.png").stat().st_size > 0
     assert "mIoU over the stream" in proc.stdout
+    # rtda-compare reads it: the training run's setting and seed (from the checkpoint) plus the stream's
+    assert results["sources"][0]["seed"] == trained_run["seed"] and set(results["IoU"]) >= {"road", "car"}
+    run = load_run(folder)
+    assert run["status"] == "completed" and run["seed"] == trained_run["seed"]
+    assert run["setting"]["augmentation"] == "geometric" and run["setting"]["trainer.max_steps"] == "6"
+    assert run["setting"]["adapt"] == adapt and run["setting"]["stream"] == "demo"
+    assert run["setting"]["stream.frames"] == "10" and "report.window" not in run["setting"]
+    assert run["mIoU"] == results["mIoU"] and run["groups"] == results["per_condition"]

@@ -59,4 +59,13 @@ def segmenter_module(cfg: DictConfig):
     net = nets[0] if len(nets) == 1 else SoftmaxEnsemble(nets)
     channels_last = ckpts[0]["rtda"]["config"].get("adaptation", {}).get("channels_last", True)  # as the run scored
     module = SegmentationModule(net=net, num_classes=cfg.data.num_classes, num_log_images=0, channels_last=channels_last)
+    module.sources = [source_record(p, c) for p, c in zip(paths, ckpts)]
     return paths, module
+
+
+def source_record(path, ckpt: dict) -> dict:
+    """What trained a checkpoint, from its saved run record: its path, config-group choices, command-line
+    overrides and seed (what ``rtda-compare`` groups a scored checkpoint by; a stream run records it)."""
+    record = ckpt.get("rtda") or {}
+    return {"checkpoint": str(path), "choices": dict(record.get("choices") or {}),
+            "overrides": list(record.get("overrides") or []), "seed": (record.get("config") or {}).get("seed")}

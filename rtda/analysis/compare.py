@@ -14,6 +14,13 @@ mIoU in %, and the mean IoU of every class in %. A class that is NaN in a run (a
 truth and prediction) is left out of that class's mean, as in the Cityscapes benchmark. Failed,
 interrupted and still-running jobs are listed apart and never averaged.
 
+An ``rtda-stream`` run folder is a run as well: grouped by the setting of the run that trained its checkpoint
+(the seed is that run's) plus the stream's (``stream=demo adapt=tent``, its overrides), scored by the mIoU over
+the stream with one column per condition, the harmonic mean over conditions, frames/s, forgetting and resets::
+
+    rtda-stream -m ckpt_path=A/checkpoints/last.ckpt,B/…,C/… adapt=none,bn,tent
+    rtda-compare outputs/stream/multiruns/<stamp>        # one row per training setting × adapt, 3 seeds each
+
 Writes ``comparison.csv``, ``comparison.md`` and ``comparison_per_class.png`` (grouped bars, std as error
 bars) into ``--out`` (default: the single folder given, else ``./comparison``). W&B is not needed.
 
@@ -150,26 +157,68 @@ def load_run(path: str | Path, ignore: Sequence[str] = ()) -> dict:
     if not isinstance(results, dict):
         raise RtdaError(f"{file}: not an rtda results.json (expected a JSON object)")
     run_dir = file.parent
-    choices = results.get("choices") or {}
-    setting = {k: str(v) for k, v in choices.items()
-               if k.split("/")[0] not in NOT_EXPERIMENT_GROUPS and not _ignored(k, ignore)}
-    for text in results.get("overrides") or []:
-        key, value = _split_override(text)
-        if key in choices or _ignored(key, ignore):  # a group choice: already in `setting` as chosen
-            continue
-        setting[key] = value
+    if results.get("kind") == "stream" or ("adapt" in results and "per_condition" in results):  # rtda-stream's
+        return _stream_run(results, run_dir, ignore)
     test = results.get("test") or {}
     status = results.get("status") or ("completed" if test else "unknown")
     return {
         "run_dir": str(run_dir),
         "status": status,
         "seed": _seed(results, run_dir),
-        "setting": setting,
+        "setting": _setting(results.get("choices") or {}, results.get("overrides") or [], ignore),
         "mIoU": test.get("mIoU"),
         "subsets": subset_mious(test),  # mIoU16 / mIoU13 of a SYNTHIA run (data.eval_classes)
         "groups": {g: (v or {}).get("mIoU") for g, v in (test.get("groups") or {}).items()},  # ACDC: per condition
         "IoU": dict(test.get("IoU") or {}),
         "best_val_mIoU": results.get("best_val_mIoU"),
+        "error": results.get("error"),
+        "results": results,
+    }
+
+
+def _setting(choices: dict, overrides: Sequence[str], ignore: Sequence[str] = (), not_experiment: Sequence[str] = ()) -> dict:
+    """The config-group choices and value overrides that define an experiment (seed, ``ignore`` and
+    :data:`NOT_EXPERIMENT_KEYS` left out)."""
+    skip = (*ignore, *not_experiment)
+    setting = {k: str(v) for k, v in choices.items()
+               if k.split("/")[0] not in NOT_EXPERIMENT_GROUPS and not _ignored(k, skip)}
+    for text in overrides:
+        key, value = _split_override(text)
+        if key in choices or _ignored(key, skip):  # a group choice: already in `setting` as chosen
+            continue
+        setting[key] = value
+    return setting
+
+
+#: rtda-stream keys that do not change what a stream run measures (its figure, video, progress bar, device)
+NOT_STREAM_KEYS = ("report.", "device")
+#: the stream figures summarised beside mIoU: harmonic mean over conditions, frames/s, forgetting, resets
+STREAM_FIELDS = ("harmonic_mean", "fps", "forgetting", "resets")
+
+
+def _stream_run(results: dict, run_dir: Path, ignore: Sequence[str]) -> dict:
+    """An ``rtda-stream`` run: grouped by the setting of the run that trained its checkpoint (its seed the
+    checkpoint's) plus the stream's own (``stream``, ``adapt`` and their overrides); scored by the mIoU over the
+    stream, one column per condition, with the harmonic mean, frames/s, forgetting and resets beside it. An
+    ensemble of checkpoints is grouped by its first member's setting plus ``ensemble=<n>``, with no seed."""
+    sources = results.get("sources") or []
+    setting = _setting(sources[0].get("choices") or {}, sources[0].get("overrides") or [], ignore) if sources else {}
+    if len(sources) > 1:
+        setting["ensemble"] = str(len(sources))
+    setting.update(_setting(results.get("choices") or {}, results.get("overrides") or [], ignore, NOT_STREAM_KEYS))
+    forgetting = results.get("forgetting") or {}
+    return {
+        "run_dir": str(run_dir),
+        "status": results.get("status", "completed"),
+        "seed": sources[0].get("seed") if len(sources) == 1 else None,
+        "setting": setting,
+        "mIoU": results.get("mIoU"),
+        "subsets": {},
+        "groups": dict(results.get("per_condition") or {}),
+        "IoU": dict(results.get("IoU") or {}),
+        "best_val_mIoU": None,
+        "stream": {"harmonic_mean": results.get("harmonic_mean"), "fps": results.get("fps"),
+                   "forgetting": forgetting.get("forgetting"), "resets": results.get("resets")},
         "error": results.get("error"),
         "results": results,
     }
@@ -213,6 +262,7 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
     classes = list(dict.fromkeys(name for r in done for name in r["IoU"]))
     subsets = list(dict.fromkeys(name for r in done for name in r.get("subsets") or {}))
     per_group = list(dict.fromkeys(name for r in done for name in r.get("groups") or {}))  # ACDC's conditions
+    streams = any("stream" in r for r in done)
     rows = []
     for key, members in groups.items():
         setting = dict(key)
@@ -235,6 +285,11 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
         for name in per_group:  # per-group (ACDC: per-condition) mIoU: columns mIoU/fog, ...
             m, s = _mean_std([(r.get("groups") or {}).get(name) for r in members])
             row[f"mIoU/{name}"], row[f"mIoU_std/{name}"] = _pct(m), _pct(s)
+        if streams:  # rtda-stream runs: harmonic mean, fps, forgetting, resets
+            for name in STREAM_FIELDS:
+                m, s = _mean_std([(r.get("stream") or {}).get(name) for r in members])
+                scale = _pct if name in ("harmonic_mean", "forgetting") else (lambda v: v)
+                row[name], row[f"{name}_std"] = scale(m), scale(s)
         for name in classes:
             m, s = _mean_std([r["IoU"].get(name) for r in members])
             row[f"IoU/{name}"] = _pct(m)
@@ -276,6 +331,15 @@ def group_names(rows: Sequence[dict]) -> list[str]:
     return [k.split("/", 1)[1] for k in (rows[0] if rows else {}) if k.startswith("mIoU/")]
 
 
+def stream_names(rows: Sequence[dict]) -> list[str]:
+    """The rtda-stream columns of the rows (:data:`STREAM_FIELDS`), where the rows hold stream runs."""
+    return [k for k in STREAM_FIELDS if k in (rows[0] if rows else {})]
+
+
+#: headers of the stream columns in the printed and markdown tables
+STREAM_HEADERS = {"harmonic_mean": "H-mean (%)", "fps": "fps", "forgetting": "forgetting (pts)", "resets": "resets"}
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -289,10 +353,12 @@ def table(rows: Sequence[dict], per_class: bool = True) -> tuple[list[str], list
     names = class_names(rows) if per_class else []
     subsets = subset_names(rows)
     groups = group_names(rows)
-    header = ["group", "runs", "seeds", "mIoU (%)", *(f"{n} (%)" for n in subsets), *(f"{g} (%)" for g in groups), *names]
+    streams = stream_names(rows)
+    header = ["group", "runs", "seeds", "mIoU (%)", *(f"{n} (%)" for n in subsets), *(f"{g} (%)" for g in groups),
+              *(STREAM_HEADERS[n] for n in streams), *names]
     cells = [[row["group"], str(row["runs"]), ",".join(str(s) for s in row["seeds"]), _miou_cell(row),
               *(_fmt(row[n]) for n in subsets), *(_fmt(row.get(f"mIoU/{g}")) for g in groups),
-              *(_fmt(row[f"IoU/{n}"], 1) for n in names)] for row in rows]
+              *(_fmt(row[n], 1) for n in streams), *(_fmt(row[f"IoU/{n}"], 1) for n in names)] for row in rows]
     return header, cells
 
 
@@ -334,6 +400,7 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> None:
     names = class_names(rows)
     fields = ["group", "runs", "seeds", "mIoU", "mIoU_std", *(f for n in subset_names(rows) for f in (n, f"{n}_std")),
               *(f for g in group_names(rows) for f in (f"mIoU/{g}", f"mIoU_std/{g}")),
+              *(f for n in stream_names(rows) for f in (n, f"{n}_std")),
               "best_val_mIoU",
               *(f"IoU/{n}" for n in names), *(f"IoU_std/{n}" for n in names), "setting", "run_dirs"]
     buffer = io.StringIO()
@@ -377,7 +444,7 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None, ignore: 
     files = {"csv": out / "comparison.csv", "markdown": out / "comparison.md"}
     write_csv(rows, files["csv"])
     atomic_write_text(files["markdown"], to_markdown(rows, runs))
-    if plot and rows:
+    if plot and rows and class_names(rows):
         files["plot"] = out / "comparison_per_class.png"
         plot_per_class(rows, files["plot"])
     print(to_text(rows, runs))

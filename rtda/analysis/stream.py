@@ -20,6 +20,14 @@ def miou_of(confmat: np.ndarray) -> float:
     return float((tp[valid] / union[valid]).mean()) if valid.any() else float("nan")
 
 
+def class_ious(confmat: np.ndarray, names) -> dict:
+    """IoU per class (in [0, 1]; None for a class absent from truth and prediction) of a confusion matrix."""
+    cm = np.asarray(confmat, dtype=np.float64)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    return {n: (float(tp[i] / union[i]) if union[i] > 0 else None) for i, n in enumerate(names)}
+
+
 def windowed_miou(confmats: np.ndarray, window: int) -> list[float]:
     """mIoU (in [0, 1]) of the frames ``[i − window + 1, i]`` for each frame ``i`` (confusion matrices summed): a curve
     over time that a single frame's few classes do not make jumpy."""

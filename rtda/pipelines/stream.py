@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from rtda.adaptation.online import CollapseGuard, OnlineAdapter, Timer, iterate_batches
 from rtda.adaptation.segmenter import segmenter_module
-from rtda.analysis.stream import miou_of, segments_of, stream_curves, windowed_miou
+from rtda.analysis.stream import class_ious, miou_of, segments_of, stream_curves, windowed_miou
 from rtda.data.render import overlay, resize_image
 from rtda.run import config as rtda_config
 from rtda.run.errors import ConfigValueError, DatasetFormatError
@@ -203,6 +203,9 @@ def stream(cfg: DictConfig) -> dict:
 
     results = _report(cfg, paths, output_dir, rows, labelled_rows, confmats, rescored, adapter, guard,
                       n_frames, model_seconds, wall, window)
+    results["sources"] = list(getattr(module, "sources", []))  # what trained the checkpoint: rtda-compare groups by it
+    if confmats:
+        results["IoU"] = class_ious(np.stack(confmats).sum(0), module.class_names)
     _write_csv(output_dir / "frames.csv", rows)
     if cfg.report.figure and results["curve"]:
         curves = {results["label"]: results["curve"]}
@@ -258,6 +261,9 @@ def _report(cfg, paths, output_dir, rows, labelled_rows, confmats, rescored, ada
     choices = rtda_config.choices()
     name = choices.get("adapt", adapter.name)
     results = {
+        "kind": "stream", "status": "completed",
+        # the stream's own choices and overrides (rtda-compare: the stream setting beside the checkpoint's run)
+        "choices": {k: choices[k] for k in ("stream", "adapt") if k in choices}, "overrides": rtda_config.overrides(),
         "experiment": f"stream={choices.get('stream', '?')} adapt={name} ckpt={Path(paths[0]).parent.parent.name}/{Path(paths[0]).name}",
         "adapt": adapter.name, "label": cfg.report.get("label") or adapter.name,
         "stream": choices.get("stream"), "checkpoint": str(Path(paths[0]).resolve()), "run_dir": str(output_dir.resolve()),
