@@ -185,6 +185,7 @@ def test_segmenter_phase_changes_only_the_segmenter_and_discriminator_phase_only
     assert changed == set(keys) and keys
 
 
+@pytest.mark.slow
 def test_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(tmp_path):
     ref = module("adversarial")
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="step{step}", every_n_train_steps=2,

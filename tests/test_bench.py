@@ -67,6 +67,7 @@ def test_onnx_export_matches_eager():
     assert "CPUExecutionProvider" in note
 
 
+@pytest.mark.slow
 def test_benchmark_rows(tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -98,6 +99,7 @@ def test_cli_compares_networks_in_one_table(tmp_path):
     assert "43.9" in table  # DeepLabV2-R101: 43.9 M parameters
 
 
+@pytest.mark.slow
 def test_bench_needs_no_albumentations():
     # the GPU machines carry no albumentations: the benchmark path must not import it
     code = "import sys; sys.modules['albumentations'] = None; import rtda.bench.inference, rtda.bench.training, rtda.adaptation.base, rtda.pipelines.evaluate"

@@ -87,6 +87,7 @@ def test_readme_ddp_command_trains_validates_tests_and_keeps_the_whole_history(t
 # -- divergence ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_marks_it_failed_and_keeps_no_diverged_checkpoint(tiny_demo_dir, tmp_path):
     proc = rtda_train(["optimizer.lr=1e6", *QUICK, *tiny_overrides(tiny_demo_dir)], tmp_path)
     line = assert_one_line_error(proc, "training diverged at iteration", "loss = nan")
@@ -119,6 +120,7 @@ def test_non_finite_weights_are_never_saved():
         module.on_save_checkpoint({})
 
 
+@pytest.mark.slow
 def test_sweep_records_the_failed_job_and_runs_the_others(tiny_demo_dir, tmp_path):
     proc = rtda_train(["-m", "optimizer.lr=1e6,0.01", *QUICK, *tiny_overrides(tiny_demo_dir)], tmp_path)
     assert_one_line_error(proc, "training diverged")
@@ -299,6 +301,7 @@ def test_a_half_generated_demo_is_regenerated(tmp_path):
 # -- files that fail to decode ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_files_that_fail_to_decode_are_counted_warned_once_and_listed(tiny_demo_dir, tmp_path):
     data = copy_of_tiny_demo(tiny_demo_dir, tmp_path)
     broken = data / "demo" / "gta5" / "images" / "00003.png"

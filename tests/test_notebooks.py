@@ -72,6 +72,7 @@ def demo_copy(tiny_demo_dir, tmp_path) -> Path:
     return tmp_path / "data"
 
 
+@pytest.mark.slow
 def test_01_data_draws_both_domains_statistics_fda_and_a_cyclegan_it_trains(demo_copy, tmp_path):
     cyclegan = ["experiment=demo_cyclegan", "trainer.max_steps=2", "trainer.val_check_interval=2", "adaptation.ngf=8",
                 "adaptation.ndf=8", "adaptation.n_blocks=2", "data.num_workers=0", *DEMO_SPEC]
@@ -86,6 +87,7 @@ def test_01_data_draws_both_domains_statistics_fda_and_a_cyclegan_it_trains(demo
     assert cached["images"] == TINY_DEMO["target_train_count"]
 
 
+@pytest.mark.slow
 def test_02_predictions_finds_a_run_trains_the_missing_method_and_draws_its_figures(demo_copy, trained_run, tmp_path):
     outputs = tmp_path / "outputs"
     found = outputs / "train" / "runs" / "source_only_run"  # the session's source-only run, found under OUTPUTS
@@ -120,6 +122,7 @@ def fake_run(folder: Path, choices: dict, seed: int, miou: float, overrides=()) 
     (folder / "results.json").write_text(json.dumps(results))
 
 
+@pytest.mark.slow
 def test_03_results_reads_a_sweep_measures_the_missing_speed_and_draws_the_trade_off(tmp_path):
     sweep = tmp_path / "sweep"
     bisenet = {"data": "demo", "model": "bisenet_r18"}

@@ -6,6 +6,7 @@ import csv
 import json
 import textwrap
 
+import pytest
 import torch
 from helpers import ENV, rtda_eval, rtda_train, run_folder, tiny_overrides
 
@@ -41,6 +42,7 @@ scales: [1.0, 0.5]   # a list: saved as a plain list in the checkpoint, no _conv
 """
 
 
+@pytest.mark.slow
 def test_a_one_file_method_of_the_users_own_package_trains_and_evaluates(tiny_demo_dir, tmp_path):
     package, configs = tmp_path / "mine", tmp_path / "mine" / "conf"
     (configs / "adaptation").mkdir(parents=True)

@@ -75,6 +75,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_live_runs_folder_is_refused_before_writing_anything(tiny_demo_dir, tmp_path):
     args = ["run_name=twin", "trainer.max_steps=20", "trainer.val_check_interval=10", *TINY,
             *tiny_overrides(tiny_demo_dir)]
@@ -115,6 +116,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_partial_file_and_says_whe
     assert (folder / "last.ckpt").read_bytes() == b"the previous whole checkpoint"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small tmpfs needs root")
 def test_a_full_disk_is_one_line_naming_the_folder(tiny_demo_dir, tmp_path):
     disk = tmp_path / "small_disk"
@@ -134,6 +136,7 @@ def test_a_full_disk_is_one_line_naming_the_folder(tiny_demo_dir, tmp_path):
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_sweep_started_again_skips_completed_jobs_runs_new_ones_and_refuses_another_config(tiny_demo_dir, tmp_path):
     sweep = tmp_path / "sweep"
     common = [f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", "trainer.val_check_interval=2", *TINY,

@@ -17,7 +17,7 @@ import pytest
 from helpers.slurm import results as read_results
 from helpers.slurm import slurm_up, training_steps
 
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.skipif(
     not slurm_up(), reason="no SLURM running here: `bash scripts/slurm_local.sh start` (root) starts a one-node one")]
 
 #: seconds a test waits for its scenario beyond the time the suite has already given it

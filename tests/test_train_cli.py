@@ -6,6 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import REPO, rtda_train, run_folder, run_in_process, tiny_overrides
 
@@ -83,6 +84,7 @@ def test_readme_gives_the_two_commands():
     assert 'pip install -e ".[dev]"' in ci and "pytest" in ci
 
 
+@pytest.mark.slow
 def test_wandb_without_login_runs_offline_and_never_prompts(tiny_demo_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update({"HOME": str(tmp_path), "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_SILENT": "true"})  # no ~/.netrc, no key
