@@ -190,8 +190,8 @@ def _setting(choices: dict, overrides: Sequence[str], ignore: Sequence[str] = ()
     return setting
 
 
-#: rtda-stream keys that do not change what a stream run measures (its figure, video, progress bar, device)
-NOT_STREAM_KEYS = ("report.", "device")
+#: rtda-stream keys that do not change what a stream run measures (its figure, video, progress bar)
+NOT_STREAM_KEYS = ("report.",)
 #: the stream figures summarised beside mIoU: harmonic mean over conditions, frames/s, forgetting, resets
 STREAM_FIELDS = ("harmonic_mean", "fps", "forgetting", "resets")
 
