@@ -106,6 +106,12 @@ def test_method_overrides_go_to_the_methods_that_have_the_key(tmp_path):
         assert configs["fda"].adaptation.switch_to_entropy == 0
         assert configs["fda"].bench.overrides == ["adaptation.switch_to_entropy=0"]
         assert "switch_to_entropy" not in configs["dacs"].adaptation and configs["dacs"].bench.overrides == []
+        # a key whose default is null is still the method's (distill's teacher: null until the user names one)
+        cfg = compose("bench", overrides=["bench.methods=[distill]", "+adaptation.teacher.ckpt_path=[a.ckpt,b.ckpt]"],
+                      return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        configs = method_configs(cfg)
+        assert list(configs["distill"].adaptation.teacher.ckpt_path) == ["a.ckpt", "b.ckpt"]
         cfg = compose("bench", overrides=["bench.methods=[dacs]", "+adaptation.nope=1"], return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         with pytest.raises(ConfigValueError, match=r"\+adaptation.nope=1: no method"):
