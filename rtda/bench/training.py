@@ -490,14 +490,6 @@ def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
-_ABSENT = object()  # OmegaConf.select's default: tells a key that is absent from one whose value is null
-
-
-def _has_key(cfg: DictConfig, key: str) -> bool:
-    """Whether ``cfg`` has ``key``, a null value included (distill's ``adaptation.teacher.ckpt_path: null``)."""
-    return OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
-
-
 def method_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     """``bench.methods`` (adaptation config names; null: the run's own ``adaptation=``), source-only first
     whatever the list (the ratios are to it), each composed with this run's other overrides. An
@@ -514,10 +506,11 @@ def method_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     specific = [o for o in task if o.lstrip("+~").startswith("adaptation.")]
     generic = [o for o in task if o not in specific]
     out, used = {}, set()
+    absent = object()  # tells an absent key from a null one (distill's adaptation.teacher.ckpt_path: null), as check_values
     for name in names:
         try:
             base = compose(config_name="bench", overrides=[*generic, f"adaptation={name}"])
-            mine = [o for o in specific if _has_key(base, _key(o))]
+            mine = [o for o in specific if OmegaConf.select(base, _key(o), default=absent) is not absent]
             used.update(mine)
             forced = ["++" + o.lstrip("+") for o in mine]  # set, whether or not the primary config needed '+'
             out[name] = compose(config_name="bench", overrides=[*generic, f"adaptation={name}", *forced]) if mine else base
